@@ -1,0 +1,11 @@
+"""tunekit: adapt an open LLM to your own data on your own hardware.
+
+    import tunekit
+    result = tunekit.train("configs/demo-lora.yaml")
+"""
+
+from .api import chat, demo, evaluate, generate, train
+from .config import Config, load_config
+
+__version__ = "0.1.0"
+__all__ = ["Config", "chat", "demo", "evaluate", "generate", "load_config", "train"]

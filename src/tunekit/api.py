@@ -1,0 +1,82 @@
+"""Plain Python functions behind every CLI command, for notebooks and scripts.
+
+    import tunekit
+    result = tunekit.train("configs/demo-lora.yaml", **{"train.max_steps": 50})
+    print(tunekit.generate("Hello!", adapter=result.run_dir))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+
+
+def train(config: Config | str | Path | dict | None = None, **overrides: Any):
+    """Fine-tune. `config` is a Config, a YAML path, or a nested dict; `overrides` use dotted keys
+    (pass them as `**{"method.r": 8}`). Returns a TrainResult."""
+    from .engine import train as run
+
+    if isinstance(config, Config):
+        cfg = config if not overrides else load_config(None, {**_flatten(config.model_dump()), **overrides})
+    elif isinstance(config, dict):
+        cfg = load_config(None, {**_flatten(config), **overrides})
+    else:
+        cfg = load_config(config, overrides)
+    return run(cfg)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _conversations_from(source: str, system: str | None, from_file: bool) -> list[list[dict]]:
+    if not from_file:
+        conv = [{"role": "system", "content": system}] if system else []
+        return [conv + [{"role": "user", "content": source}]]
+    from .evaluate import load_eval_records
+
+    return [prompt for prompt, _ in load_eval_records(source, require_answer=False)]
+
+
+def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, system: str | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, device: str = "auto",
+             from_file: bool = False) -> list[str]:
+    """Replies from a base model (+ adapter): for one user prompt, or each record of a file (from_file=True)."""
+    from .inference import generate as gen, load_for_inference
+
+    m, tok = load_for_inference(model, adapter, device)
+    return gen(m, tok, _conversations_from(prompt, system, from_file), max_new_tokens=max_new_tokens,
+               temperature=temperature)
+
+
+def chat(model: str = "smollm2-135m", adapter: str | None = None, system: str | None = None, device: str = "auto",
+         max_new_tokens: int = 256, temperature: float = 0.7) -> None:
+    """Interactive terminal chat."""
+    from .inference import chat_loop, load_for_inference
+
+    m, tok = load_for_inference(model, adapter, device)
+    chat_loop(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def evaluate(data: str, model: str = "smollm2-135m", adapter: str | None = None, batch_size: int = 16,
+             max_new_tokens: int = 256, limit: int | None = None, output: str | None = None, device: str = "auto"):
+    """Generate an answer for each record of `data` and score it against the record's last assistant turn."""
+    from .evaluate import evaluate_generation
+
+    return evaluate_generation(data, model=model, adapter=adapter, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, limit=limit, output=output, device=device)
+
+
+def demo(out: str = "runs/demo", steps: int | None = None, n_test: int = 100):
+    """The end-to-end demo; returns its results table as rows."""
+    from .demo.pipeline import run_demo
+
+    return run_demo(out=out, steps=steps, n_test=n_test)

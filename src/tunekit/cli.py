@@ -1,0 +1,159 @@
+"""The `tunekit` command. Each subcommand is a thin layer over a function in tunekit.api."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import Config, ConfigError, config_to_yaml, describe_fields, load_config, parse_value
+
+TRAIN_USAGE = """usage: tunekit train [--config FILE.yaml] [--section.key VALUE ...] [--resume] [--print-config]
+
+Fine-tune a model. Values come from the defaults, then the YAML file, then flags (`--method.r 8`,
+`--train.max_steps=100`, `--method.target_modules '[q_proj, v_proj]'`; values are parsed as YAML).
+`--method lora|full` picks the method. `--resume` continues from the last checkpoint in train.output_dir.
+
+options:
+"""
+
+ALIASES = {"resume": ("train.resume", True), "output": ("train.output_dir", None), "model": ("model.name", None),
+           "data": ("data.train", None), "method": ("method.name", None)}
+
+
+def train_help() -> str:
+    rows = describe_fields(Config)
+    width = max(len(k) for k, _, _ in rows) + 2
+    lines = [f"  --{k:<{width}} {desc} [default: {default}]" for k, default, desc in rows]
+    return TRAIN_USAGE + "\n".join(lines) + "\n"
+
+
+def parse_train_argv(argv: list[str]) -> tuple[str | None, dict, bool]:
+    """(config path, {dotted key: value}, print_config) from `tunekit train` arguments."""
+    config_path, overrides, print_config = None, {}, False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_") if "." not in key else ".".join(p.replace("-", "_") for p in key.split("."))
+        takes_value = eq or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+        if not eq and takes_value:
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config_path = value
+        elif key == "print_config":
+            print_config = True
+        elif key in ALIASES:
+            target, implicit = ALIASES[key]
+            overrides[target] = parse_value(value) if takes_value else implicit
+        elif "." in key:
+            overrides[key] = parse_value(value) if takes_value else True
+        else:
+            raise ConfigError(f"unknown option --{key}; options are --config, --print-config, --resume, and "
+                              f"--section.key for sections {', '.join(Config.model_fields)} (see tunekit train --help)")
+    return config_path, overrides, print_config
+
+
+def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(train_help())
+        return 0
+    path, overrides, print_config = parse_train_argv(argv)
+    cfg = load_config(path, overrides)
+    if print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from .api import train
+
+    result = train(cfg)
+    print(f"run folder: {result.run_dir}  (eval loss {result.eval_loss_before} -> {result.eval_loss_after})")
+    return 130 if result.interrupted else 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="base model (alias, folder, .gguf or hub id)")
+    p.add_argument("--adapter", default=None, help="a tunekit run folder or PEFT adapter folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune, evaluate and try open LLMs locally.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="fine-tune a model (see `tunekit train --help`)", add_help=False)
+
+    g = sub.add_parser("generate", help="generate a reply for one prompt or a JSONL of conversations")
+    _add_model_args(g)
+    g.add_argument("--prompt", help="user message")
+    g.add_argument("--system", help="system message")
+    g.add_argument("--input", help="JSONL/JSON/CSV of chat records; the reply to each is printed as JSONL")
+
+    c = sub.add_parser("chat", help="chat with a model in the terminal")
+    _add_model_args(c)
+    c.add_argument("--system", help="system message")
+    c.set_defaults(temperature=0.7)
+
+    e = sub.add_parser("eval", help="generate on a test file and score exact match / JSON validity")
+    _add_model_args(e)
+    e.add_argument("--data", required=True, help="test file; the last assistant turn of each record is the answer")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    e.add_argument("--output", help="write predictions as JSONL here")
+
+    d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
+    d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
+    d.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
+    d.add_argument("--n-test", type=int, default=100)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if argv and argv[0] == "train":
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
+        from . import api
+
+        if args.command == "generate":
+            if not (args.prompt or args.input):
+                raise SystemExit("tunekit generate: give --prompt TEXT or --input FILE")
+            for reply in api.generate(args.prompt or args.input, model=args.model, adapter=args.adapter,
+                                      system=args.system, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, device=args.device, from_file=bool(args.input)):
+                print(reply)
+        elif args.command == "chat":
+            api.chat(model=args.model, adapter=args.adapter, system=args.system, device=args.device,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        elif args.command == "eval":
+            report = api.evaluate(args.data, model=args.model, adapter=args.adapter, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, limit=args.limit, output=args.output,
+                                  device=args.device)
+            print(report.table())
+        elif args.command == "demo":
+            api.demo(out=args.out, steps=args.steps, n_test=args.n_test)
+        else:
+            build_parser().print_help()
+            return 2
+        return 0
+    except ConfigError as e:
+        print(f"tunekit: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # known user errors get one clean line, the rest a traceback
+        from .data.errors import DataError
+        from .methods import MethodError
+        from .models import ModelError
+
+        if isinstance(e, (DataError, MethodError, ModelError, FileNotFoundError)):
+            print(f"tunekit: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

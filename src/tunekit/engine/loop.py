@@ -1,0 +1,230 @@
+"""The training loop: one readable function, top to bottom.
+
+    config -> tokenizer + data -> base model -> method.apply -> optimizer/schedule -> (resume) ->
+    for each optimizer step: grad_accum micro-batches, token-weighted loss, clip, step -> eval / checkpoint
+    -> save result + run card
+
+Numeric pieces live in small modules (batching, loss, schedule, checkpoint), each tested once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_to_yaml
+from ..data import prepare_data
+from ..methods import build_method, count_parameters, trainable_named_parameters
+from ..models import load_model, load_tokenizer
+from .batching import BatchStream, eval_batches
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .device import autocast, peak_memory_bytes, pick_device, resolve_precision
+from .loss import label_only_loss_sum
+from .metrics import MetricsLog, Progress, Sinks, read_metrics
+from .schedule import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    trainable_params: int
+    total_params: int
+    peak_memory_bytes: int
+    wall_time_s: float
+    precision: str
+    device: str
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to finish the current step and checkpoint; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[tunekit] interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_id: int, device, precision) -> float:
+    """Mean loss per target token over `examples` (token-weighted across batches)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast(device, precision):
+        head = method.lm_head(model)
+        for batch in eval_batches(examples, batch_size, packing, pad_id):
+            b = batch.to(device)
+            hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
+            loss_sum, n = label_only_loss_sum(hidden, head, b.targets)
+            total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def total_steps_for(cfg: Config, n_train: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+def train(cfg: Config) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; everything lands in `cfg.train.output_dir`."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    run_dir = Path(tc.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    device = pick_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+
+    # Data first: bad input fails before the model is loaded.
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    data = prepare_data(cfg.data, tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    method = build_method(cfg.method)
+    model = method.apply(model).to(device)
+    params = trainable_named_parameters(model)
+    n_trainable, n_total = count_parameters(model)
+    steps = total_steps_for(cfg, len(data.train))
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    stream = BatchStream(data.train, tc.batch_size, tc.seed, cfg.data.packing, pad_id)
+    eval_args = (tc.batch_size, cfg.data.packing, pad_id, device, precision)
+
+    start_step, tokens_seen, eval_before = 0, 0, None
+    ckpt = latest_checkpoint(run_dir) if tc.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        stream.load_state_dict(state.stream)
+        set_rng_state(state.rng)
+        start_step, tokens_seen = state.step, state.tokens_seen
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
+        eval_before = next((m["eval_loss"] for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] == 0
+                            and "eval_loss" in m), None)
+        print(f"[tunekit] resumed from {ckpt} at step {start_step}/{steps}", flush=True)
+    else:
+        if tc.resume:
+            print(f"[tunekit] --resume: no checkpoint in {run_dir}/checkpoints, starting from step 0", flush=True)
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        eval_before = evaluate_loss(model, method, data.validation, *eval_args) if data.validation else None
+        log.write({"step": 0, "eval_loss": eval_before})
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    sinks = Sinks(tc.report_to, run_dir, cfg.model_dump(mode="json"))
+    print(f"[tunekit] {data.stats.summary()}", flush=True)
+    print(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
+          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}", flush=True)
+
+    head = method.lm_head(model)
+    progress = Progress(steps, start_step, tc.progress)
+    model.train()
+    step, rate_tokens, rate_time, eval_after, interrupted = start_step, 0, 0.0, None, False
+
+    def checkpoint():
+        save_checkpoint(run_dir, model, optimizer, TrainingState(step, stream.state_dict(), scheduler.state_dict(),
+                                                                 tokens_seen, rng_state()), keep=tc.keep_checkpoints)
+
+    with _StopFlag() as stop:
+        while step < steps:
+            t0 = time.perf_counter()
+            micro = [next(stream) for _ in range(tc.grad_accum)]
+            # Token-weighted loss: every target token of the optimizer step weighs the same, however the
+            # step is split into micro-batches (divide by the step's total, not each micro-batch's count).
+            n_targets = sum(b.n_targets for b in micro)
+            loss_total = 0.0
+            for batch in micro:
+                b = batch.to(device)
+                with autocast(device, precision):
+                    hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
+                    loss_sum, _ = label_only_loss_sum(hidden, head, b.targets)
+                (loss_sum / n_targets).backward()
+                loss_total += float(loss_sum.detach())
+            grad_norm = None
+            if cfg.optim.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.optim.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_tokens = sum(b.n_tokens for b in micro)
+            tokens_seen += n_tokens
+            dt = time.perf_counter() - t0
+            if step > start_step + 1 or steps - start_step == 1:  # first step pays one-off warm-up costs
+                rate_tokens, rate_time = rate_tokens + n_tokens, rate_time + dt
+            loss = loss_total / n_targets
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_seen": tokens_seen,
+                      "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm}
+            if tc.eval_every and step % tc.eval_every == 0 and step < steps and data.validation:
+                record["eval_loss"] = evaluate_loss(model, method, data.validation, *eval_args)
+                progress.message(f"step {step}: eval_loss {record['eval_loss']:.4f}")
+            if step % tc.log_every == 0 or "eval_loss" in record or step == steps:
+                log.write(record)
+                sinks.log(record, step)
+            progress.update(step, loss, n_tokens / dt, lr)
+            if stop.requested:
+                interrupted = True
+                break
+            if tc.save_every and step % tc.save_every == 0 and step < steps:
+                checkpoint()
+        if step == steps and data.validation:
+            eval_after = evaluate_loss(model, method, data.validation, *eval_args)
+            log.write({"step": step, "eval_loss": eval_after, "final": True})
+        checkpoint()
+    progress.close()
+    log.close()
+
+    result = TrainResult(
+        run_dir=str(run_dir), steps=step, tokens_seen=tokens_seen,
+        tokens_per_s=rate_tokens / rate_time if rate_time else 0.0,
+        eval_loss_before=eval_before, eval_loss_after=eval_after,
+        trainable_params=n_trainable, total_params=n_total, peak_memory_bytes=peak_memory_bytes(device),
+        wall_time_s=time.perf_counter() - t_start, precision=precision, device=str(device), interrupted=interrupted,
+    )
+    if interrupted:
+        print(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "
+              f"--train.resume true", flush=True)
+        return result
+    method.save(model, run_dir)
+    tokenizer.save_pretrained(run_dir)
+    from ..runcard import write_run_card
+
+    write_run_card(run_dir, cfg, result, data.stats)
+    (run_dir / "result.json").write_text(__import__("json").dumps(asdict(result), indent=2))
+    return result

@@ -1,0 +1,102 @@
+"""Inference: load a base model with an optional adapter, and generate replies for chat conversations."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .engine.device import pick_device
+from .models import load_model, load_tokenizer
+
+
+def load_for_inference(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "float32"):
+    """(model, tokenizer) ready for generation. `adapter` is a tunekit run folder or any PEFT adapter folder."""
+    dev = pick_device(device)
+    base = load_model(model, dtype=dtype, device=dev)
+    tok_source = model
+    if adapter is not None:
+        path = Path(adapter)
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, str(path)).to(dev)
+        else:
+            raise FileNotFoundError(f"{path}: no adapter_config.json; pass a tunekit run folder or a PEFT adapter "
+                                    f"(a full fine-tune is a model folder: use it as --model)")
+        if (path / "tokenizer_config.json").exists():
+            tok_source = str(path)
+    tokenizer = load_tokenizer(tok_source) if tok_source != model else load_tokenizer(model)
+    base.eval()
+    return base, tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the chat template's end-of-turn token when it differs (ChatML's <|im_end|>, Llama-3's <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """One reply per conversation (each a list of {role, content}); greedy when temperature == 0."""
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        # Left padding: every row's last prompt token sits at the same position, where generation starts.
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        sample = temperature > 0
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+            top_k=None, eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad,
+        )
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        if progress:
+            print(f"  generated {min(start + batch_size, len(order))}/{len(order)}", file=sys.stderr, flush=True)
+    return [outputs[i] for i in range(len(conversations))]
+
+
+def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7):
+    """A terminal chat: type a message, get a reply; /reset clears the history, /exit or Ctrl-D quits."""
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print("tunekit chat — /reset to clear, /exit to quit", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate(model, tokenizer, [history], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"bot> {reply}", flush=True)
+
+
+def dump_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,51 @@
+"""The run card: a short README.md in the run folder that says what was trained, on what, and how it went."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _fmt_loss(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def write_run_card(run_dir: Path, cfg: Config, result, stats) -> Path:
+    pct = 100 * result.trainable_params / max(result.total_params, 1)
+    method = cfg.method.model_dump()
+    method_desc = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
+    if cfg.method.name == "lora":
+        load = (f"```python\nfrom peft import PeftModel\nfrom tunekit.models import load_model\n"
+                f"model = PeftModel.from_pretrained(load_model({cfg.model.name!r}), {str(run_dir)!r})\n```\n"
+                f"or `tunekit generate --model {cfg.model.name} --adapter {run_dir} --prompt '...'`")
+    else:
+        load = f"`tunekit generate --model {run_dir} --prompt '...'` (a complete transformers model folder)"
+    rows = [
+        ("Base model", f"`{cfg.model.name}`"),
+        ("Method", f"{cfg.method.name} ({method_desc})"),
+        ("Data", f"`{cfg.data.train}`" + (f", validation `{cfg.data.validation}`" if cfg.data.validation else "")),
+        ("Examples", f"{stats.n_train} train, {stats.n_val} validation"),
+        ("Trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.3f}%)"),
+        ("Steps", f"{result.steps} (batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, "
+                  f"packing {'on' if cfg.data.packing else 'off'})"),
+        ("Tokens seen", f"{result.tokens_seen:,}"),
+        ("Throughput", f"{result.tokens_per_s:,.0f} tokens/s (after the first step)"),
+        ("Peak memory", f"{_fmt_bytes(result.peak_memory_bytes)} "
+                        f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"),
+        ("Eval loss", f"{_fmt_loss(result.eval_loss_before)} before -> {_fmt_loss(result.eval_loss_after)} after"),
+        ("Precision / device", f"{result.precision} on {result.device}"),
+        ("Wall time", f"{result.wall_time_s:,.0f} s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = (f"# tunekit run: {Path(run_dir).name}\n\n| | |\n|---|---|\n{table}\n\n"
+            f"## Data\n\n{stats.summary()}\n\n## Load it\n\n{load}\n\n"
+            f"Files: `config.yaml` (the full resolved config; rerun with `tunekit train --config config.yaml`), "
+            f"`metrics.jsonl` (one line per step), `checkpoints/` (resumable).\n")
+    path = Path(run_dir) / "README.md"
+    path.write_text(text)
+    return path
