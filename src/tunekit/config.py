@@ -30,8 +30,10 @@ class ModelConfig(Section):
         "float32", description="Storage dtype of the base weights. Compute precision is train.precision."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the model folder. Off by default.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel. sdpa handles packed sequences via block-diagonal masks."
+    attn_implementation: Literal["tunekit_sdpa", "sdpa", "eager", "flash_attention_2"] = Field(
+        "tunekit_sdpa",
+        description="Attention kernel. tunekit_sdpa runs SDPA per packed sequence (no T x T mask); sdpa/eager use "
+        "transformers' block-diagonal mask for packed rows; flash_attention_2 needs the flash-attn package.",
     )
 
 
@@ -56,7 +58,7 @@ class DataConfig(Section):
 
 
 class LoraMethod(Section):
-    name: Literal["lora"] = "lora"
+    name: Literal["lora"] = Field("lora", description="Fine-tuning method: lora or full.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -67,7 +69,7 @@ class LoraMethod(Section):
 
 
 class FullMethod(Section):
-    name: Literal["full"] = "full"
+    name: Literal["full"] = Field("full", description="Fine-tuning method: lora or full.")
     freeze_embeddings: bool = Field(False, description="Keep the token embeddings (and a tied lm_head) frozen.")
 
 
@@ -125,7 +127,8 @@ class Config(Section):
         if isinstance(v, str):
             v = {"name": v}
         if isinstance(v, dict):
-            name = v.get("name", "lora")
+            v = {"name": "lora", **v}
+            name = v["name"]
             if name not in METHODS:
                 raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
             allowed = set(METHODS[name].model_fields)
@@ -237,9 +240,11 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe_fields(ann, key + ".")
         elif name == "method" and model is Config:
+            rows.append(("method.name", repr("lora"), f"Fine-tuning method: {' or '.join(METHODS)}."))
             for mname, mcls in METHODS.items():
-                for sub in describe_fields(mcls, f"method.[{mname}]."):
-                    rows.append(sub)
+                for key, default, desc in describe_fields(mcls, "method."):
+                    if key != "method.name":
+                        rows.append((key, default, f"({mname} only) {desc}"))
         else:
             default = field.default_factory() if field.default_factory else field.default
             rows.append((key, repr(default), field.description or ""))

@@ -28,7 +28,7 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
                                     f"(a full fine-tune is a model folder: use it as --model)")
         if (path / "tokenizer_config.json").exists():
             tok_source = str(path)
-    tokenizer = load_tokenizer(tok_source) if tok_source != model else load_tokenizer(model)
+    tokenizer = load_tokenizer(tok_source)
     base.eval()
     return base, tokenizer
 

@@ -116,7 +116,9 @@ def resolve_model_path(name: str) -> str:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    # A run folder holds a tokenizer but no config.json: read it directly.
+    source = name if (Path(name) / "tokenizer_config.json").exists() else resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -126,12 +128,15 @@ def load_model(
     name: str,
     dtype: str = "float32",
     trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "tunekit_sdpa",
     device: str | torch.device = "cpu",
 ):
     """Load a causal LM from safetensors (never pickle), on `device`."""
     from transformers import AutoModelForCausalLM
 
+    from .attention import register
+
+    register()
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name),
         dtype=DTYPES[dtype],

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Config, config_to_yaml
 from ..data import prepare_data
-from ..methods import build_method, count_parameters, trainable_named_parameters
+from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -119,6 +119,8 @@ def train(cfg: Config) -> TrainResult:
     model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     method = build_method(cfg.method)
     model = method.apply(model).to(device)
+    if precision == "bf16":
+        cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))

@@ -17,7 +17,8 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                    and not json.loads(line).get("final")]
             self.path.write_text("".join(k + "\n" for k in kept))
         self._fh = open(self.path, "a")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import FullMethod, LoraMethod
-from .base import Method, MethodError, count_parameters, trainable_named_parameters
+from .base import Method, MethodError, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from .full import Full
 from .lora import Lora
 
@@ -18,4 +18,4 @@ def build_method(cfg) -> Method:
         raise MethodError(f"no implementation for method config {type(cfg).__name__}") from None
 
 
-__all__ = ["Method", "MethodError", "build_method", "count_parameters", "trainable_named_parameters"]
+__all__ = ["Method", "MethodError", "cast_frozen_linears_", "build_method", "count_parameters", "trainable_named_parameters"]
