@@ -48,31 +48,33 @@ def _conversations_from(source: str, system: str | None, from_file: bool) -> lis
 
 def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, system: str | None = None,
              max_new_tokens: int = 256, temperature: float = 0.0, device: str = "auto",
-             from_file: bool = False) -> list[str]:
+             from_file: bool = False, dtype: str = "auto") -> list[str]:
     """Replies from a base model (+ adapter): for one user prompt, or each record of a file (from_file=True)."""
     from .inference import generate as gen, load_for_inference
 
-    m, tok = load_for_inference(model, adapter, device)
+    m, tok = load_for_inference(model, adapter, device, dtype=dtype)
     return gen(m, tok, _conversations_from(prompt, system, from_file), max_new_tokens=max_new_tokens,
                temperature=temperature)
 
 
 def chat(model: str = "smollm2-135m", adapter: str | None = None, system: str | None = None, device: str = "auto",
-         max_new_tokens: int = 256, temperature: float = 0.7) -> None:
+         max_new_tokens: int = 256, temperature: float = 0.7, dtype: str = "auto") -> None:
     """Interactive terminal chat."""
     from .inference import chat_loop, load_for_inference
 
-    m, tok = load_for_inference(model, adapter, device)
+    m, tok = load_for_inference(model, adapter, device, dtype=dtype)
     chat_loop(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 def evaluate(data: str, model: str = "smollm2-135m", adapter: str | None = None, batch_size: int = 16,
-             max_new_tokens: int = 256, limit: int | None = None, output: str | None = None, device: str = "auto"):
+             max_new_tokens: int = 256, limit: int | None = None, output: str | None = None, device: str = "auto",
+             dtype: str = "auto"):
     """Generate an answer for each record of `data` and score it against the record's last assistant turn."""
     from .evaluate import evaluate_generation
 
     return evaluate_generation(data, model=model, adapter=adapter, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, limit=limit, output=output, device=device)
+                               max_new_tokens=max_new_tokens, limit=limit, output=output, device=device,
+                               dtype=dtype)
 
 
 def demo(out: str = "runs/demo", steps: int | None = None, n_test: int = 100):

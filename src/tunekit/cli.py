@@ -79,6 +79,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="inference dtype; auto = bf16 where the device has native bf16, else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,15 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("tunekit generate: give --prompt TEXT or --input FILE")
             for reply in api.generate(args.prompt or args.input, model=args.model, adapter=args.adapter,
                                       system=args.system, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, device=args.device, from_file=bool(args.input)):
+                                      temperature=args.temperature, device=args.device, from_file=bool(args.input),
+                                      dtype=args.dtype):
                 print(reply)
         elif args.command == "chat":
             api.chat(model=args.model, adapter=args.adapter, system=args.system, device=args.device,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, dtype=args.dtype)
         elif args.command == "eval":
             report = api.evaluate(args.data, model=args.model, adapter=args.adapter, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, limit=args.limit, output=args.output,
-                                  device=args.device)
+                                  device=args.device, dtype=args.dtype)
             print(report.table())
         elif args.command == "demo":
             api.demo(out=args.out, steps=args.steps, n_test=args.n_test)

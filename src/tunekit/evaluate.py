@@ -49,12 +49,14 @@ class EvalReport:
     adapter: str | None
     scores: dict
     seconds: float
+    dtype: str = "auto"
     predictions: list[dict] = field(default_factory=list)
 
     def table(self) -> str:
-        row = {"model": self.model + (f" + {self.adapter}" if self.adapter else ""), "n": self.scores["n"],
+        row = {"model": self.model + (f" + {self.adapter}" if self.adapter else ""), "dtype": self.dtype,
+               "n": self.scores["n"],
                "exact_match": self.scores["exact_match"], "json_valid": self.scores["json_valid"]}
-        out = format_table([row], ["model", "n", "exact_match", "json_valid"])
+        out = format_table([row], ["model", "dtype", "n", "exact_match", "json_valid"])
         if self.scores["field_accuracy"]:
             out += "\n\n" + format_table([{"field": k, "accuracy %": v} for k, v in
                                           self.scores["field_accuracy"].items()], ["field", "accuracy %"])
@@ -63,11 +65,11 @@ class EvalReport:
 
 def evaluate_generation(data: str, model: str = "smollm2-135m", adapter: str | None = None, batch_size: int = 16,
                         max_new_tokens: int = 256, limit: int | None = None, output: str | None = None,
-                        device: str = "auto") -> EvalReport:
+                        device: str = "auto", dtype: str = "auto") -> EvalReport:
     from .inference import dump_jsonl, generate, load_for_inference
 
     pairs = load_eval_records(data)[:limit]
-    m, tok = load_for_inference(model, adapter, device)
+    m, tok = load_for_inference(model, adapter, device, dtype=dtype, merge=True)  # merged: no adapter overhead
     t0 = time.perf_counter()
     preds = generate(m, tok, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size,
                      progress=True)
@@ -78,4 +80,5 @@ def evaluate_generation(data: str, model: str = "smollm2-135m", adapter: str | N
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         dump_jsonl(rows, Path(output))
-    return EvalReport(data, model, adapter, scores, time.perf_counter() - t0, rows)
+    return EvalReport(data, model, adapter, scores, time.perf_counter() - t0, str(m.dtype).replace("torch.", ""),
+                      rows)

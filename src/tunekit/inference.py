@@ -8,14 +8,26 @@ from pathlib import Path
 
 import torch
 
-from .engine.device import pick_device
-from .models import load_model, load_tokenizer
+from .engine.device import pick_device, resolve_precision
+from .models import DTYPES, load_model, load_tokenizer
 
 
-def load_for_inference(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "float32"):
-    """(model, tokenizer) ready for generation. `adapter` is a tunekit run folder or any PEFT adapter folder."""
+def inference_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 where the device computes it natively (prefill is matmul-bound), else fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_for_inference(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+                       merge: bool = False):
+    """(model, tokenizer) ready for generation. `adapter` is a tunekit run folder or any PEFT adapter folder.
+
+    The adapter is attached to fp32 base weights; with merge=True it is folded into them (in fp32) before the
+    model is cast to the inference dtype, so a merged bf16 model rounds W + BA once rather than each term.
+    """
     dev = pick_device(device)
-    base = load_model(model, dtype=dtype, device=dev)
+    base = load_model(model, dtype="float32", device=dev)
     tok_source = model
     if adapter is not None:
         path = Path(adapter)
@@ -28,7 +40,10 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
                                     f"(a full fine-tune is a model folder: use it as --model)")
         if (path / "tokenizer_config.json").exists():
             tok_source = str(path)
+        if merge:
+            base = base.merge_and_unload()
     tokenizer = load_tokenizer(tok_source)
+    base = base.to(inference_dtype(dtype, dev))
     base.eval()
     return base, tokenizer
 

@@ -68,8 +68,16 @@ class Lora(Method):
     def apply(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
 
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         # peft zero-initialises lora_B, so the fresh adapter reproduces the base logits exactly.
-        return get_peft_model(model, self.peft_config(model))
+        peft_model = get_peft_model(model, self.peft_config(model))
+        for module in peft_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                # peft casts each LoRA input to the adapter's fp32 dtype; under bf16 autocast that is a copy of
+                # every activation that autocast immediately casts back. In fp32 runs it is a no-op either way.
+                module.cast_input_dtype_enabled = False
+        return peft_model
 
     def causal_lm(self, model: nn.Module) -> nn.Module:
         return model.get_base_model() if hasattr(model, "get_base_model") else model
