@@ -257,7 +257,8 @@ def test_eval_reports_exact_match_against_greedy_predictions(capsys, tmp_path, l
     preds_file = tmp_path / "preds.jsonl"
     with torch_globals_preserved():
         rc, out, _ = run(capsys, "eval", "--model", str(tiny_model_dir), "--adapter", str(lora_run),
-                         "--data", str(data), "--max-new-tokens", "6", "--device", "cpu", "--output", str(preds_file))
+                         "--data", str(data), "--max-new-tokens", "6", "--device", "cpu", "--dtype", "float32",
+                         "--output", str(preds_file))
     assert rc == 0
     prompts = [r["messages"][:-1] for r in eval_records]
     references = [r["messages"][-1]["content"] for r in eval_records]
@@ -268,7 +269,7 @@ def test_eval_reports_exact_match_against_greedy_predictions(capsys, tmp_path, l
 
     scores = score_predictions(expected_preds, references)
     header, _, row = out.splitlines()[:3]
-    assert header.split() == ["model", "n", "exact_match", "json_valid"]
+    assert header.split() == ["model", "dtype", "n", "exact_match", "json_valid"]
     assert row.split()[-3:] == ["4", f"{100 * scores['exact_match']:.1f}%", f"{100 * scores['json_valid']:.1f}%"]
     assert all(parse_json_output(r) is not None for r in references)  # the JSON-aware path was taken
     assert "field" in out  # per-field table for JSON answers

@@ -150,7 +150,7 @@ def test_load_for_inference_with_a_run_folder(lora_run, tiny_model_dir, prompt_i
     adapter = load_file(str(lora_run / "adapter_model.safetensors"))
     expected = logits(manual_merge(tiny_model_dir, adapter, LORA_RUN["method.alpha"] / LORA_RUN["method.r"]),
                       prompt_ids)
-    model, tok = load_for_inference(str(tiny_model_dir), adapter=str(lora_run), device="cpu")
+    model, tok = load_for_inference(str(tiny_model_dir), adapter=str(lora_run), device="cpu", dtype="float32")
     torch.testing.assert_close(logits(model, prompt_ids), expected, rtol=0, atol=1e-5)
     assert tok.chat_template
 

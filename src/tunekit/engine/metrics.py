@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import flatten_dotted
+
 
 class MetricsLog:
     """Appends one JSON object per line; on resume, drops lines past the checkpoint's step."""
@@ -50,7 +52,7 @@ class Sinks:
                     import mlflow
 
                     mlflow.start_run(run_name=Path(run_dir).name)
-                    mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+                    mlflow.log_params({k: str(v)[:250] for k, v in flatten_dotted(config).items()})
                     self._writers.append(lambda m, s: mlflow.log_metrics(m, step=s))
                 elif name == "wandb":
                     import wandb
@@ -67,14 +69,6 @@ class Sinks:
             write(scalars, step)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class Progress:
