@@ -47,9 +47,28 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window, so a run's peak excludes what the process did before (e.g. an eval)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated GPU memory on CUDA, else the process's peak RSS."""
+    """Peak allocated GPU memory on CUDA, else the process's peak RSS since the last reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024)
