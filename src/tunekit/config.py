@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Section(BaseModel):
@@ -140,10 +140,6 @@ class Config(Section):
                 )
         return v
 
-    @model_validator(mode="after")
-    def _check(self) -> "Config":
-        return self
-
 
 class ConfigError(ValueError):
     """A config file or flag is wrong; the message names the key and the valid choices."""
@@ -171,12 +167,9 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        elif part == "method":
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
-        else:
-            return None
+        model = ann
     return model
 
 

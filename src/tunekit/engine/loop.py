@@ -9,6 +9,7 @@ Numeric pieces live in small modules (batching, loss, schedule, checkpoint), eac
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -229,5 +230,5 @@ def train(cfg: Config) -> TrainResult:
     from ..runcard import write_run_card
 
     write_run_card(run_dir, cfg, result, data.stats)
-    (run_dir / "result.json").write_text(__import__("json").dumps(asdict(result), indent=2))
+    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     return result
