@@ -239,11 +239,23 @@ def adapted(lora_run, tiny_model_dir):
 def test_generate_prints_the_greedy_reply(capsys, lora_run, tiny_model_dir, tokenizer, adapted):
     with torch_globals_preserved():
         rc, out, _ = run(capsys, "generate", "--model", str(tiny_model_dir), "--adapter", str(lora_run),
-                         "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu")
+                         "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32")
     assert rc == 0
     expected = greedy(adapted, tokenizer, [{"role": "user", "content": "hi"}], 5)
     assert expected  # the trained tiny model does say something
     assert out == expected + "\n"
+
+
+def test_chat_keeps_history_and_resets(capsys, monkeypatch, lora_run, tiny_model_dir, tokenizer, adapted):
+    typed = iter(["hi", "/reset", "hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    with torch_globals_preserved():
+        rc, out, _ = run(capsys, "chat", "--model", str(tiny_model_dir), "--adapter", str(lora_run),
+                         "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu", "--dtype", "float32")
+    assert rc == 0
+    expected = greedy(adapted, tokenizer, [{"role": "user", "content": "hi"}], 5)
+    replies = [line[len("bot> "):] for line in out.splitlines() if line.startswith("bot> ")]
+    assert replies == [expected, expected]  # after /reset the same first turn gives the same reply
 
 
 @pytest.fixture(scope="module")
