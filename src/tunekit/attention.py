@@ -27,11 +27,12 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
     p_drop = dropout if module.training else 0.0
-    bounds = cu.tolist()
+    lengths = (cu[1:] - cu[:-1]).tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    # split (not slicing): its backward concatenates the gradients instead of zero-filling a full-size tensor
+    # per sequence, which cost ~30% of the attention time on CPU.
+    for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)):
         # One packed sequence: (B, H, L, D) attends causally to itself only.
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         if p_drop == 0.0 and query.device.type == "cpu":
             outs.append(grouped_causal_attention(q, k, v, scaling))
         else:

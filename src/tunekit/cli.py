@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune, evaluate and try open LLMs locally.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune a model (see `tunekit train --help`)", add_help=False)
+    sub.add_parser("bench", help="`tunekit bench train`: training speed vs the Trainer recipe and TRL", add_help=False)
 
     g = sub.add_parser("generate", help="generate a reply for one prompt or a JSONL of conversations")
     _add_model_args(g)
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
+        if argv[:2] == ["bench", "train"]:
+            from .bench.train_bench import main as bench_train
+
+            bench_train(argv[2:])
+            return 0
         args = build_parser().parse_args(argv)
         from . import api
 

@@ -1,0 +1,206 @@
+"""Training speed benchmark: tunekit against the transformers Trainer + peft recipe and TRL's SFTTrainer.
+
+    tunekit bench train [--steps 30] [--ablations] [--out runs/bench]
+    python benchmarks/train_bench.py ...           (the same)
+
+One run, one machine, the same model, data, LoRA (r=8, alpha=16, q_proj/v_proj, dropout 0.05), learning rate
+and token budget. Every tool runs in its own process (so peak RSS is its own, measured by wait4), one after
+the other; a matmul peak is measured in the same run for MFU. Eval loss is computed afterwards for every
+adapter by one shared scorer (fp32, completion tokens of held-out examples). Writes bench.json, bench.md and
+bench.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEERS = ["trainer", "trl", "tunekit"]
+# Leave-one-out ablation: each variant turns one optimisation of the full engine off.
+ABLATIONS = {
+    "tunekit -packing (padded batches)": {"overrides": {"data.packing": False}},
+    "tunekit -label-only logits": {"full_logits": True},
+    "tunekit -bf16 (fp32)": {"overrides": {"train.precision": "fp32"}},
+    "tunekit -per-sequence attention (sdpa mask)": {"overrides": {"model.attn_implementation": "sdpa"}},
+    "tunekit -fused AdamW": {"unfused_adamw": True},
+}
+LABELS = {"trainer": "Trainer + peft (fp32, padded)", "trl": "TRL SFTTrainer (bf16, packing)", "tunekit": "tunekit"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tunekit bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="Base model (default: the packaged SmolLM2-135M).")
+    p.add_argument("--steps", type=int, default=30, help="Optimizer steps for Trainer and tunekit (default 30).")
+    p.add_argument("--warmup", type=int, default=3, help="Steps left out of the tokens/s figure (default 3).")
+    p.add_argument("--batch-size", type=int, default=8, help="Examples per step (default 8).")
+    p.add_argument("--lr", type=float, default=5e-4, help="Constant learning rate for every tool (default 5e-4).")
+    p.add_argument("--n-train", type=int, default=600, help="Training examples generated (default 600).")
+    p.add_argument("--n-test", type=int, default=100, help="Held-out examples for the eval loss (default 100).")
+    p.add_argument("--only", nargs="+", choices=PEERS, help="Run only these tools.")
+    p.add_argument("--ablations", action="store_true", help="Also run the leave-one-out ablations of tunekit.")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's).")
+    p.add_argument("--out", default="runs/bench", help="Output folder (default runs/bench).")
+    return p.parse_args(argv)
+
+
+def mean_tokens(path: Path, model: str, max_length: int) -> tuple[float, float]:
+    """(mean tokens per example, share of tokens with a loss) of the prepared training data."""
+    from .runners import prepared
+
+    _, examples = prepared({"model": model, "train": str(path), "max_length": max_length}, "train")
+    n_tok = sum(len(ex.input_ids) for ex in examples)
+    n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in examples)
+    return n_tok / len(examples), n_lab / n_tok
+
+
+def run_child(spec: dict, out: Path) -> tuple[dict, int]:
+    """Run one runner in a fresh process; returns (its result.json, its peak RSS in bytes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(dict(spec, out=str(out)), indent=1))
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tunekit.bench.runners", str(spec_path)], stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    if proc.returncode != 0:
+        tail = (out / "log.txt").read_text()[-3000:]
+        raise RuntimeError(f"benchmark run {spec['runner']} failed (exit {proc.returncode}); log {out}/log.txt:\n{tail}")
+    return json.loads((out / "result.json").read_text()), usage.ru_maxrss * 1024
+
+
+def throughput(result: dict, warmup: int) -> dict:
+    times, tokens = result["step_times"][warmup:], result["step_tokens"][warmup:]
+    rates = [n / t for n, t in zip(tokens, times)]
+    return {"tokens_per_s": sum(tokens) / sum(times), "median_step_tokens_per_s": statistics.median(rates),
+            "timed_steps": len(times), "tokens_seen": sum(result["step_tokens"])}
+
+
+def measure_peaks(threads: int | None) -> dict:
+    """fp32 and bf16 2048^3 matmul peaks, measured in a child like the runs (same thread count)."""
+    code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak\n"
+            f"torch.set_num_threads({threads}) if {threads!r} else None\n"
+            "print(json.dumps({'fp32': measure_matmul_peak(torch.float32, seconds=3),"
+            " 'bf16': measure_matmul_peak(torch.bfloat16, seconds=3)}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
+    from ..engine.flops import ModelShape, flops_per_token
+    from ..models import load_model
+
+    return flops_per_token(ModelShape.from_model(load_model(model)), label_fraction, mean_len, trains_base=False)
+
+
+def format_markdown(rows: list[dict], meta: dict) -> str:
+    head = ("| run | tokens/s | x Trainer | peak RSS GiB | x Trainer | eval loss | MFU (bf16 peak) | tokens |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r.get('speed_ratio', float('nan')):.2f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r.get('memory_ratio', float('nan')):.2f} | "
+                     f"{r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% | {r['tokens_seen']:,} |")
+    lines.append("")
+    lines.append(f"Matmul peak measured in this run (2048^3): fp32 {meta['peak']['fp32'] / 1e9:.0f} GFLOP/s, "
+                 f"bf16 {meta['peak']['bf16'] / 1e9:.0f} GFLOP/s. {meta['formula']}; F/token here = "
+                 f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
+                 f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
+                 f"tokens/s = real (non-padding) tokens / time over steps after {meta['warmup']} warm-up steps.")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no PNG (pip install tunekit[bench])")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.55 * len(rows) + 1.8))
+    names = [r["name"] for r in rows][::-1]
+    for ax, key, label in [(axes[0], "tokens_per_s", "real tokens/s (higher is better)"),
+                           (axes[1], "peak_rss_bytes", "peak RSS, GiB (lower is better)")]:
+        vals = [r[key] / (2**30 if key == "peak_rss_bytes" else 1) for r in rows][::-1]
+        bars = ax.barh(names, vals, color=["#2b7bba" if n.startswith("tunekit") else "#999999" for n in names])
+        ax.bar_label(bars, fmt="%.1f" if key == "peak_rss_bytes" else "%.0f", padding=3)
+        ax.set_xlabel(label)
+        ax.margins(x=0.15)
+    axes[1].set_yticklabels([])
+    fig.suptitle("LoRA r=8 q/v on SmolLM2-135M, CPU: one benchmark run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> list[dict]:
+    from ..demo.invoices import write_demo_dataset
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    paths = write_demo_dataset(out / "data", n_train=args.n_train, n_test=args.n_test)
+    max_length = 512
+    mean_len, label_fraction = mean_tokens(paths["train"], args.model, max_length)
+    base = {"model": args.model, "train": str(paths["train"]), "test": str(paths["test"]), "max_length": max_length,
+            "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "lr": args.lr,
+            "steps": args.steps, "batch_size": args.batch_size, "seed": 0, "threads": args.threads,
+            # TRL packs rows of ~batch_size examples and stops at the same token budget as the others.
+            "trl_row_tokens": int(-(-args.batch_size * mean_len // 64) * 64),
+            "token_budget": int(args.steps * args.batch_size * mean_len)}
+    print(f"[bench] data: {args.n_train} examples, mean {mean_len:.0f} tokens, {100 * label_fraction:.0f}% with a "
+          f"loss; {args.steps} steps x {args.batch_size} examples", flush=True)
+    peak = measure_peaks(args.threads)
+    print(f"[bench] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
+          flush=True)
+    runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
+    if args.ablations:
+        runs += [(name, dict(base, runner="tunekit", variant=v)) for name, v in ABLATIONS.items()]
+    rows = []
+    for i, (name, spec) in enumerate(runs):
+        print(f"[bench] {i + 1}/{len(runs)} {name} ...", flush=True)
+        t = time.perf_counter()
+        result, rss = run_child(spec, out / f"run{i}")
+        row = {"name": name, "runner": spec["runner"], "peak_rss_bytes": rss, "precision": result["precision"],
+               "wall_s": time.perf_counter() - t, "adapter": str(out / f"run{i}" / "adapter"),
+               **throughput(result, args.warmup)}
+        print(f"[bench]   {row['tokens_per_s']:.0f} tokens/s, peak RSS {rss / 2**30:.2f} GiB, "
+              f"{row['tokens_seen']:,} tokens in {row['wall_s']:.0f} s", flush=True)
+        rows.append(row)
+
+    print("[bench] scoring every adapter with the shared eval ...", flush=True)
+    adapters = {r["name"]: r["adapter"] for r in rows}
+    scored, _ = run_child(dict(base, runner="eval", adapters=adapters), out / "eval")
+    flops = model_flops(args.model, label_fraction, mean_len)
+    ref = next((r for r in rows if r["runner"] == "trainer"), None)
+    for r in rows:
+        r["eval_loss"] = scored["eval_loss"][r["name"]]
+        r["mfu_bf16"] = r["tokens_per_s"] * flops / peak["bf16"]
+        r["mfu_own_precision"] = r["tokens_per_s"] * flops / peak["bf16" if r["precision"] == "bf16" else "fp32"]
+        if ref:
+            r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            r["memory_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+    from ..engine.flops import FORMULA
+
+    meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
+            "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
+            "base_eval_loss": scored["base_eval_loss"], "args": vars(args)}
+    table = format_markdown(rows, meta)
+    print("\n" + table + "\n", flush=True)
+    (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+    (out / "bench.md").write_text(table + "\n")
+    plot(rows, out / "bench.png")
+    print(f"[bench] wrote {out}/bench.json, bench.md, bench.png", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
