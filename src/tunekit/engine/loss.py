@@ -7,6 +7,8 @@ with targets first and project only those.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,9 +20,91 @@ def label_only_loss_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Te
     """Sum of token losses and token count. hidden (B, T, H), targets (B, T) -> (scalar, N)."""
     keep = targets != IGNORE  # (B, T)
     h = hidden[keep]  # (N, H)
-    logits = head(h).float()  # (N, V): upcast so the softmax is taken in fp32 even under bf16 autocast
-    loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if type(head) is nn.Linear:
+        loss_sum = linear_cross_entropy_sum(h, head.weight, head.bias, targets[keep])
+    else:  # a head some method replaced: project, then the usual cross-entropy
+        logits = head(h).float()  # (N, V): upcast so the softmax is taken in fp32 even under bf16 autocast
+        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
     return loss_sum, int(keep.sum())
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight^T + bias, targets_i), never holding the (N, V) logits of all rows at once.
+
+    hidden (N, H), weight (V, H), targets (N,). Logits are made chunk by chunk in the compute dtype (bf16 under
+    autocast, as a plain linear layer would), softmax/logsumexp in fp32. When gradients are needed, each chunk's
+    gradient (softmax - onehot) is turned into d/dhidden (and d/dweight if the head trains) right away, so the
+    backward pass only scales stored (N, H) results: no (N, V) fp32 copy, log-softmax backward or one-hot fill.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    chunk_rows = chunk_rows or max(32, 2**23 // weight.shape[0])  # ~32 MiB of fp32 logits per chunk
+    w = _compute_weight(weight, dtype)
+    b = None if bias is None else bias.to(dtype)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, w, b, targets, chunk_rows)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)):
+            logits = F.linear(h.to(dtype), w, b).float()  # (n, V)
+            total += (torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    return total
+
+
+_cast_cache: list = [None]  # one slot: (weakref to the weight, its version, dtype, the cast copy)
+
+
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in the compute dtype, cast again only when the weight changed (a frozen head: once per run)."""
+    if weight.dtype == dtype:
+        return weight.detach()
+    slot = _cast_cache[0]
+    if slot is not None and slot[0]() is weight and slot[1] == weight._version and slot[2] == dtype:
+        return slot[3]
+    cast = weight.detach().to(dtype)
+    _cast_cache[0] = (weakref.ref(weight), weight._version, dtype, cast)
+    return cast
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, w, b, targets, chunk_rows):
+        dtype = w.dtype
+        need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        start = 0
+        with torch.autocast(hidden.device.type, enabled=False):
+            for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)):
+                h = h.to(dtype)  # (n, H)
+                probs = F.linear(h, w, b).float()  # (n, V) logits, fp32
+                lse = torch.logsumexp(probs, -1)  # (n,)
+                rows = torch.arange(len(t), device=t.device)
+                total += (lse - probs[rows, t]).sum()
+                probs.sub_(lse[:, None]).exp_()  # softmax in place
+                probs[rows, t] -= 1.0  # d(CE)/d(logits) = softmax - onehot
+                g = probs.to(dtype)
+                grad_h[start : start + len(t)] = g @ w  # (n, H)
+                if need_w:
+                    grad_w += (g.t() @ h).float()  # (V, H): bf16 matmul like autocast's, fp32 accumulation
+                if need_b:
+                    grad_b += probs.sum(0)
+                start += len(t)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        gb = None if grad_b is None else (grad_b * grad_out).to(ctx.weight_dtype)
+        return grad_h * scale, gw, gb, None, None, None, None
 
 
 def full_logits_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
