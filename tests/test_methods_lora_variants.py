@@ -299,3 +299,20 @@ def test_qlora_adapter_loads_in_peft_on_a_quantized_base(bnb, qlora_run, tiny_mo
 def test_qlora_rejects_inits_that_rewrite_the_base(bnb, tiny_model_dir):
     with pytest.raises(MethodError, match="default, gaussian or orthogonal"):
         build_method(QLoraMethod(init="pissa")).apply(base(tiny_model_dir))
+
+
+@pytest.mark.slow
+def test_qlora_on_the_real_model_stores_4_127_bits_per_weight(bnb, tokenizer):
+    # SmolLM2-135M: 30 layers x 7 linear layers quantized, the tied embedding kept.
+    from tunekit.models import load_model
+
+    text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    plain = load_model("smollm2-135m")
+    reference = float(model_logits(plain, ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+    method = build_method(qlora())
+    model = method.apply(plain)
+    assert method.stats["bits_per_weight"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-4)
+    assert method.memory_after < 0.32 * method.memory_before  # ~513 MiB -> ~161 MiB
+    quantized = float(method_logits(method, model, ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+    assert abs(quantized - reference) < 0.1 * abs(reference)  # NF4 keeps the model close to itself
