@@ -114,8 +114,8 @@ def test_pissa_adapter_is_saved_as_plain_lora_of_twice_the_rank(tiny_model_dir, 
     assert a["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, H)
 
 
-@pytest.mark.parametrize("options", [{"dora": True}, {"init": "pissa"}, {"rslora": True, "rank_pattern": {"q_proj": 2}}],
-                         ids=str)
+@pytest.mark.parametrize("options", [{"dora": True}, {"init": "pissa"},
+                                     {"rslora": True, "rank_pattern": {"q_proj": 2}}], ids=str)
 def test_lora_variant_training_lowers_the_eval_loss(tmp_path, make_config, tiny_model_dir, ids, options):
     overrides = {"method.name": "lora", "method.r": 4, **{f"method.{k}": v for k, v in options.items()}}
     result = train(make_config(tmp_path / "run", overrides))

@@ -156,7 +156,9 @@ class PTuningMethod(Section):
     name: Literal["ptuning"] = Field("ptuning", description=METHOD_HELP)
     num_virtual_tokens: int = Field(20, ge=1, description="Virtual token embeddings prepended to every input.")
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder that produces them while training.")
-    encoder_hidden: int | None = Field(None, ge=1, description="Encoder hidden size (default: the model's hidden size).")
+    encoder_hidden: int | None = Field(
+        None, ge=1, description="Encoder hidden size (default: the model's hidden size)."
+    )
     encoder_layers: int = Field(2, ge=1, description="LSTM layers (the MLP encoder always has 3 linear layers).")
     encoder_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside the LSTM encoder.")
 

@@ -30,17 +30,20 @@ LAYER_SPEC = re.compile(r"^(?P<a>-?\d+)(?:-(?P<b>\d+))?$")
 
 
 def expand_layer_spec(pattern: str, list_name: str, n_layers: int) -> list[str]:
-    """'layers.28-29.mlp' -> ['layers.28.mlp', 'layers.29.mlp']; other patterns are returned unchanged."""
+    """'layers.28-29.mlp' -> ['layers.28.mlp', 'layers.29.mlp'], 'layers.-1' -> ['layers.<last>']; other
+    patterns are returned unchanged."""
     parts = pattern.split(".")
     for i in range(len(parts) - 1):
         m = LAYER_SPEC.match(parts[i + 1])
         if parts[i] != list_name or not m:
             continue
         a = int(m["a"])
-        b = int(m["b"]) if m["b"] is not None else a
-        a, b = (a + n_layers if a < 0 else a), (b + n_layers if b < 0 else b)
-        if m["b"] is not None and int(m["a"]) < 0:
+        if m["b"] is None:
+            a = b = a + n_layers if a < 0 else a  # layers.-1 is the last layer
+        elif a < 0:
             raise MethodError(f"trainable {pattern!r}: a range takes absolute indices (0..{n_layers - 1})")
+        else:
+            b = int(m["b"])
         if not 0 <= a <= b < n_layers:
             raise MethodError(f"trainable {pattern!r}: the model has layers 0..{n_layers - 1} (or -1..-{n_layers})")
         return [".".join(parts[: i + 1] + [str(k)] + parts[i + 2:]) for k in range(a, b + 1)]

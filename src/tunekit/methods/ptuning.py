@@ -22,5 +22,6 @@ class PTuning(VirtualTokenInputs):
 
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.cfg.num_virtual_tokens,
                                    encoder_reparameterization_type=self.cfg.encoder.upper(),
-                                   encoder_hidden_size=self.cfg.encoder_hidden, encoder_num_layers=self.cfg.encoder_layers,
+                                   encoder_hidden_size=self.cfg.encoder_hidden,
+                                   encoder_num_layers=self.cfg.encoder_layers,
                                    encoder_dropout=self.cfg.encoder_dropout)

@@ -177,9 +177,10 @@ class QLora(Lora):
         if not self.stats:
             return {}
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        cfg = self.cfg
         return {
-            "Quantization": f"{self.cfg.quant_type}, block {self.cfg.block_size}, "
-                            f"double quant {'on' if self.cfg.double_quant else 'off'}, compute {self.cfg.compute_dtype}",
+            "Quantization": f"{cfg.quant_type}, block {cfg.block_size}, double quant "
+                            f"{'on' if cfg.double_quant else 'off'}, compute {cfg.compute_dtype}",
             "Bits per quantized weight": round(self.stats["bits_per_weight"], 4),
             "Quantized weights": int(self.stats["weights"]),
             "Model memory": f"{mib(self.memory_before)} before quantization -> {mib(self.memory_after)} after",
