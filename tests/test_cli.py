@@ -94,7 +94,7 @@ def test_every_flag_in_help_is_accepted_and_described(capsys):
     for flag, line in option_lines(out).items():
         if not line.split("[default:")[0].strip():
             failures.append(f"--{flag}: no description")
-        m = re.search(r"\((\w+) only\)", line)
+        m = re.search(r"\((\w+)(?:, \w+)* only\)", line)  # "(lora only)" or "(lora, qlora only)"
         if m:  # the default of that method's option, typed with the method selected first
             value = METHODS[m.group(1)]().model_dump(mode="json")[flag.split(".")[1]]
             prefix = ["--method", m.group(1)]

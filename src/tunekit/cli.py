@@ -12,7 +12,8 @@ TRAIN_USAGE = """usage: tunekit train [--config FILE.yaml] [--section.key VALUE 
 
 Fine-tune a model. Values come from the defaults, then the YAML file, then flags (`--method.r 8`,
 `--train.max_steps=100`, `--method.target_modules '[q_proj, v_proj]'`; values are parsed as YAML).
-`--method lora|full` picks the method. `--resume` continues from the last checkpoint in train.output_dir.
+`--method NAME` picks the method (see --method.name below). `--resume` continues from the last checkpoint
+in train.output_dir.
 
 options:
 """

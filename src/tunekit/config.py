@@ -7,11 +7,12 @@ the valid ones listed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -57,24 +58,161 @@ class DataConfig(Section):
     seed: int = Field(0, description="Seed of the train/validation split.")
 
 
+METHOD_NAMES = ("lora", "full", "qlora", "prefix", "prompt", "ptuning", "ia3", "adapter", "bitfit", "freeze")
+METHOD_HELP = f"Fine-tuning method: {', '.join(METHOD_NAMES)}."
+TargetModules = Union[list[str], Literal["all-linear", "attention", "mlp"]]
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_<n>
+
+
 class LoraMethod(Section):
-    name: Literal["lora"] = Field("lora", description="Fine-tuning method: lora or full.")
+    name: Literal["lora"] = Field("lora", description=METHOD_HELP)
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
+    target_modules: TargetModules = Field(
         "all-linear",
         description="Module names to adapt (e.g. [q_proj, v_proj]) or a preset: all-linear, attention, mlp.",
     )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r.")
+    dora: bool = Field(False, description="DoRA: a trainable magnitude per output row on top of the LoRA direction.")
+    init: str = Field(
+        "default",
+        description="LoRA init: default (A kaiming-uniform, B zero), gaussian (A normal, B zero), orthogonal, pissa, "
+        "pissa_niter_<n> (fast SVD), olora. pissa/olora move the top singular/QR part of W into A, B.",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-module ranks overriding r, e.g. {down_proj: 8, layers.0.self_attn.q_proj: 32} (keys match "
+        "module-name suffixes, as in peft).",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alphas overriding alpha, keyed like rank_pattern."
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v: str) -> str:
+        if v not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", v):
+            raise ValueError(f"unknown LoRA init {v!r}; choose one of: {', '.join(LORA_INITS)}, pissa_niter_<n>")
+        return v
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _positive_pattern_values(cls, v: dict) -> dict:
+        bad = {k: x for k, x in v.items() if x <= 0}
+        if bad:
+            raise ValueError(f"ranks and alphas must be positive; got {bad}")
+        return v
+
+
+class QLoraMethod(LoraMethod):
+    name: Literal["qlora"] = Field("qlora", description=METHOD_HELP)  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type of the frozen base linear layers: nf4 (QLoRA's NormalFloat) or fp4."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the per-block scales too (8-bit, ~0.127 instead of 0.5 extra bits per weight)."
+    )
+    compute_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantized to for each matmul."
+    )
+    block_size: Literal[32, 64, 128, 256] = Field(64, description="Weights per quantization block (one scale each).")
 
 
 class FullMethod(Section):
-    name: Literal["full"] = Field("full", description="Fine-tuning method: lora or full.")
+    name: Literal["full"] = Field("full", description=METHOD_HELP)
     freeze_embeddings: bool = Field(False, description="Keep the token embeddings (and a tied lm_head) frozen.")
 
 
-MethodConfig = Annotated[Union[LoraMethod, FullMethod], Field(discriminator="name")]
-METHODS: dict[str, type[Section]] = {"lora": LoraMethod, "full": FullMethod}
+class PrefixMethod(Section):
+    name: Literal["prefix"] = Field("prefix", description=METHOD_HELP)
+    num_virtual_tokens: int = Field(20, ge=1, description="Trainable key/value positions prepended in every layer.")
+    projection: bool = Field(
+        False, description="Reparameterise the prefix through a 2-layer MLP while training (Li & Liang 2021)."
+    )
+    projection_hidden: int | None = Field(
+        None, ge=1, description="Hidden size of that MLP (default: the model's key/value width)."
+    )
+
+
+class PromptMethod(Section):
+    name: Literal["prompt"] = Field("prompt", description=METHOD_HELP)
+    num_virtual_tokens: int = Field(20, ge=1, description="Trainable embeddings prepended to every input.")
+    init: Literal["random", "vocab", "text"] = Field(
+        "random", description="Initial prompt: random vectors, embeddings of random vocabulary tokens, or of init_text."
+    )
+    init_text: str | None = Field(
+        None, description="Text whose token embeddings start the prompt (repeated/cut to num_virtual_tokens)."
+    )
+
+    @model_validator(mode="after")
+    def _text_init_needs_text(self) -> "PromptMethod":
+        if (self.init == "text") != (self.init_text is not None):
+            raise ValueError("init: text and init_text go together: set both, or neither")
+        return self
+
+
+class PTuningMethod(Section):
+    name: Literal["ptuning"] = Field("ptuning", description=METHOD_HELP)
+    num_virtual_tokens: int = Field(20, ge=1, description="Virtual token embeddings prepended to every input.")
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder that produces them while training.")
+    encoder_hidden: int | None = Field(
+        None, ge=1, description="Encoder hidden size (default: the model's hidden size)."
+    )
+    encoder_layers: int = Field(2, ge=1, description="LSTM layers (the MLP encoder always has 3 linear layers).")
+    encoder_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside the LSTM encoder.")
+
+
+class IA3Method(Section):
+    name: Literal["ia3"] = Field("ia3", description=METHOD_HELP)
+    target_modules: TargetModules = Field(
+        ["k_proj", "v_proj", "down_proj"],
+        description="Linear layers whose activations get a learned scale (IA3 paper: keys, values, MLP down).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        description="Targets scaled on their input instead of their output (default: the MLP ones among targets).",
+    )
+
+
+class AdapterMethod(Section):
+    name: Literal["adapter"] = Field("adapter", description=METHOD_HELP)
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and after the MLP of every layer; pfeiffer: after the MLP."
+    )
+    bottleneck: int = Field(64, ge=1, description="Adapter bottleneck width (down-projection size).")
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Nonlinearity between down and up.")
+
+
+class BitFitMethod(Section):
+    name: Literal["bitfit"] = Field("bitfit", description=METHOD_HELP)
+    target_modules: TargetModules = Field(
+        "all-linear",
+        description="Linear layers whose bias trains; a zero bias is added where the model has none (Llama).",
+    )
+
+
+class FreezeMethod(Section):
+    name: Literal["freeze"] = Field("freeze", description=METHOD_HELP)
+    trainable: list[str] = Field(
+        ["layers.-1"],
+        description="What trains: layer indices (layers.3, layers.28-29, layers.-1 = last) or dotted name patterns "
+        "with globs (mlp, self_attn.*_proj, layers.0.mlp, norm); everything else is frozen.",
+    )
+    train_embeddings: bool = Field(False, description="Also train the token embeddings (and a tied lm_head).")
+
+
+MethodConfig = Annotated[
+    Union[LoraMethod, FullMethod, QLoraMethod, PrefixMethod, PromptMethod, PTuningMethod, IA3Method, AdapterMethod,
+          BitFitMethod, FreezeMethod],
+    Field(discriminator="name"),
+]
+METHODS: dict[str, type[Section]] = {
+    "lora": LoraMethod, "full": FullMethod, "qlora": QLoraMethod, "prefix": PrefixMethod, "prompt": PromptMethod,
+    "ptuning": PTuningMethod, "ia3": IA3Method, "adapter": AdapterMethod, "bitfit": BitFitMethod,
+    "freeze": FreezeMethod,
+}
+assert tuple(METHODS) == METHOD_NAMES
 
 
 class OptimConfig(Section):
@@ -244,11 +382,14 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe_fields(ann, key + ".")
         elif name == "method" and model is Config:
-            rows.append(("method.name", repr("lora"), f"Fine-tuning method: {' or '.join(METHODS)}."))
+            rows.append(("method.name", repr("lora"), METHOD_HELP))
+            # One row per option; an option several methods share with the same meaning and default is listed once.
+            owners: dict[tuple[str, str, str], list[str]] = {}
             for mname, mcls in METHODS.items():
-                for key, default, desc in describe_fields(mcls, "method."):
-                    if key != "method.name":
-                        rows.append((key, default, f"({mname} only) {desc}"))
+                for row in describe_fields(mcls, "method."):
+                    if row[0] != "method.name":
+                        owners.setdefault(row, []).append(mname)
+            rows += [(k, d, f"({', '.join(names)} only) {desc}") for (k, d, desc), names in owners.items()]
         else:
             default = field.default_factory() if field.default_factory else field.default
             rows.append((key, repr(default), field.description or ""))

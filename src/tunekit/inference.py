@@ -30,18 +30,24 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
     base = load_model(model, dtype="float32", device=dev)
     tok_source = model
     if adapter is not None:
+        from .methods import saved_method
+        from .methods.base import METHOD_FILE
+
         path = Path(adapter)
+        own_format = saved_method(path) if (path / METHOD_FILE).exists() else None  # adapter / bitfit / freeze
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
             base = PeftModel.from_pretrained(base, str(path)).to(dev)
+        elif own_format is not None:
+            base = own_format.load(base, path).to(dev)
         else:
             raise FileNotFoundError(f"{path}: no adapter_config.json; pass a tunekit run folder or a PEFT adapter "
                                     f"(a full fine-tune is a model folder: use it as --model)")
         if (path / "tokenizer_config.json").exists():
             tok_source = str(path)
         if merge:
-            base = base.merge_and_unload()
+            base = own_format.merge(base) if own_format is not None else base.merge_and_unload()
     tokenizer = load_tokenizer(tok_source)
     base = base.to(inference_dtype(dtype, dev))
     base.eval()

@@ -15,24 +15,43 @@ def _fmt_loss(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def write_run_card(run_dir: Path, cfg: Config, result, stats) -> Path:
+def _fmt_value(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def load_instructions(run_dir: Path, model_name: str) -> str:
+    """How to load what the run folder holds: a PEFT adapter, a tunekit-format result, or a full model."""
+    from .methods.base import METHOD_FILE
+
+    if (Path(run_dir) / "adapter_config.json").exists():
+        return (f"```python\nfrom peft import PeftModel\nfrom tunekit.models import load_model\n"
+                f"model = PeftModel.from_pretrained(load_model({model_name!r}), {str(run_dir)!r})\n```\n"
+                f"or `tunekit generate --model {model_name} --adapter {run_dir} --prompt '...'`")
+    if (Path(run_dir) / METHOD_FILE).exists():
+        return (f"```python\nfrom tunekit.methods import load_saved_method\nfrom tunekit.models import load_model\n"
+                f"model = load_saved_method(load_model({model_name!r}), {str(run_dir)!r})\n```\n"
+                f"or `tunekit generate --model {model_name} --adapter {run_dir} --prompt '...'`")
+    return f"`tunekit generate --model {run_dir} --prompt '...'` (a complete transformers model folder)"
+
+
+def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None) -> Path:
+    """`method` (the Method object, optional) adds its report() rows and its effective packing."""
     pct = 100 * result.trainable_params / max(result.total_params, 1)
-    method = cfg.method.model_dump()
-    method_desc = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
-    if cfg.method.name == "lora":
-        load = (f"```python\nfrom peft import PeftModel\nfrom tunekit.models import load_model\n"
-                f"model = PeftModel.from_pretrained(load_model({cfg.model.name!r}), {str(run_dir)!r})\n```\n"
-                f"or `tunekit generate --model {cfg.model.name} --adapter {run_dir} --prompt '...'`")
-    else:
-        load = f"`tunekit generate --model {run_dir} --prompt '...'` (a complete transformers model folder)"
+    method_desc = ", ".join(f"{k}={v}" for k, v in cfg.method.model_dump().items() if k != "name")
+    load = load_instructions(run_dir, cfg.model.name)
+    packing = cfg.data.packing and (method is None or method.supports_packing)
+    method_rows = [(k, _fmt_value(v)) for k, v in (method.report() if method is not None else {}).items()]
     rows = [
         ("Base model", f"`{cfg.model.name}`"),
         ("Method", f"{cfg.method.name} ({method_desc})"),
         ("Data", f"`{cfg.data.train}`" + (f", validation `{cfg.data.validation}`" if cfg.data.validation else "")),
         ("Examples", f"{stats.n_train} train, {stats.n_val} validation"),
+        *method_rows,
         ("Trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.3f}%)"),
         ("Steps", f"{result.steps} (batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, "
-                  f"packing {'on' if cfg.data.packing else 'off'})"),
+                  f"packing {'on' if packing else 'off'})"),
         ("Tokens seen", f"{result.tokens_seen:,}"),
         ("Throughput", f"{result.tokens_per_s:,.0f} tokens/s (after the first step)"),
         ("Peak memory", f"{_fmt_bytes(result.peak_memory_bytes)} "

@@ -128,8 +128,11 @@ def train(cfg: Config) -> TrainResult:
     steps = total_steps_for(cfg, len(data.train))
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    stream = BatchStream(data.train, tc.batch_size, tc.seed, cfg.data.packing, pad_id)
-    eval_args = (tc.batch_size, cfg.data.packing, pad_id, device, precision)
+    packing = cfg.data.packing and method.supports_packing
+    if cfg.data.packing and not packing:
+        print(f"[tunekit] method {method.name} cannot train on packed rows: using padded batches", flush=True)
+    stream = BatchStream(data.train, tc.batch_size, tc.seed, packing, pad_id)
+    eval_args = (tc.batch_size, packing, pad_id, device, precision)
 
     start_step, tokens_seen, eval_before = 0, 0, None
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
@@ -229,6 +232,6 @@ def train(cfg: Config) -> TrainResult:
     tokenizer.save_pretrained(run_dir)
     from ..runcard import write_run_card
 
-    write_run_card(run_dir, cfg, result, data.stats)
+    write_run_card(run_dir, cfg, result, data.stats, method)
     (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     return result

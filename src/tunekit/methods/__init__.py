@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from ..config import FullMethod, LoraMethod
-from .base import Method, MethodError, cast_frozen_linears_, count_parameters, trainable_named_parameters
-from .full import Full
-from .lora import Lora
+import logging
 
-_REGISTRY = {LoraMethod: Lora, FullMethod: Full}
+from ..config import (AdapterMethod, BitFitMethod, FreezeMethod, FullMethod, IA3Method, LoraMethod, PrefixMethod,
+                      PromptMethod, PTuningMethod, QLoraMethod)
+from .adapter import BottleneckAdapter
+from .base import Method, MethodError, cast_frozen_linears_, count_parameters, trainable_named_parameters
+from .bitfit import BitFit
+from .freeze import Freeze
+from .full import Full
+from .ia3 import IA3
+from .lora import Lora
+from .prefix import PrefixTuning
+from .prompt import PromptTuning
+from .ptuning import PTuning
+from .qlora import QLora
+
+# bitsandbytes (imported by peft when installed) logs a warning at import on AVX512-BF16 CPUs when the optional
+# `kernels` package is missing; its own CPU kernels are used instead, so the message is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+_REGISTRY = {LoraMethod: Lora, FullMethod: Full, QLoraMethod: QLora, PrefixMethod: PrefixTuning,
+             PromptMethod: PromptTuning, PTuningMethod: PTuning, IA3Method: IA3, AdapterMethod: BottleneckAdapter,
+             BitFitMethod: BitFit, FreezeMethod: Freeze}
 
 
 def build_method(cfg) -> Method:
@@ -18,4 +35,25 @@ def build_method(cfg) -> Method:
         raise MethodError(f"no implementation for method config {type(cfg).__name__}") from None
 
 
-__all__ = ["Method", "MethodError", "cast_frozen_linears_", "build_method", "count_parameters", "trainable_named_parameters"]
+def saved_method(path) -> Method:
+    """The Method that wrote a run folder in tunekit's own format (adapter, bitfit, freeze), from its JSON."""
+    import json
+    from pathlib import Path
+
+    from ..config import METHODS
+    from .base import METHOD_FILE
+
+    section = json.loads((Path(path) / METHOD_FILE).read_text()).get("method", {})
+    if section.get("name") not in METHODS:
+        raise MethodError(f"{path}/{METHOD_FILE}: unknown method {section.get('name')!r}")
+    return build_method(METHODS[section["name"]](**section))
+
+
+def load_saved_method(base, path):
+    """`base` with a run folder in tunekit's own format (adapter, bitfit, freeze) attached."""
+    return saved_method(path).load(base, path)
+
+
+__all__ = ["Method", "MethodError", "cast_frozen_linears_", "build_method", "count_parameters",
+           "load_saved_method", "saved_method",
+           "trainable_named_parameters"]

@@ -7,6 +7,7 @@ it can) how it folds into the base weights.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -22,6 +23,9 @@ class MethodError(ValueError):
 
 class Method(ABC):
     name: str
+    # Whether training may pack several sequences into one row (per-sequence attention via cu_seq_lens). Methods
+    # that prepend virtual tokens (prompt/prefix tuning) need one sequence per row: the loop pads instead.
+    supports_packing: bool = True
 
     @abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:
@@ -54,6 +58,10 @@ class Method(ABC):
 
     def lm_head(self, model: nn.Module) -> nn.Module:
         return self.causal_lm(model).get_output_embeddings()
+
+    def report(self) -> dict[str, str | int | float]:
+        """Method-specific facts for the run card (e.g. measured bits per quantized weight); {} if none."""
+        return {}
 
 
 def packed_attention_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
@@ -89,15 +97,74 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
     return cast
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit tensor (bitsandbytes) holds two per byte."""
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once, quantized ones by their logical size."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += logical_numel(p)
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+# --- our own on-disk format, for methods HF peft does not have (adapter, bitfit, freeze) ---------------------
+# A run folder holds `tunekit_method.json` ({"format": "tunekit", "version": 1, "method": {the method's config
+# section}, ...method-specific keys}) and `tunekit_weights.safetensors` (the trained tensors, keyed by their
+# parameter names in the transformers *ForCausalLM, e.g. "model.layers.0.mlp.down_proj.bias").
+
+METHOD_FILE = "tunekit_method.json"
+WEIGHTS_FILE = "tunekit_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_own_format(out_dir: Path, cfg, tensors: dict[str, torch.Tensor], **extra) -> None:
+    """Write the method config (+ `extra` keys) as JSON and `tensors` as safetensors into `out_dir`."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "tunekit", "version": FORMAT_VERSION, "method": cfg.model_dump(mode="json"), **extra}
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(out_dir / WEIGHTS_FILE))
+    (out_dir / METHOD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_own_format(path: Path, method_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a folder written by save_own_format for `method_name`; clear errors otherwise."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_file = path / METHOD_FILE
+    if not meta_file.exists():
+        raise MethodError(f"{path}: no {METHOD_FILE}; is this a run folder of method {method_name!r}?")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != "tunekit" or meta.get("version") != FORMAT_VERSION:
+        raise MethodError(f"{meta_file}: not a tunekit method file of version {FORMAT_VERSION}")
+    saved = meta.get("method", {}).get("name")
+    if saved != method_name:
+        raise MethodError(f"{path} holds a {saved!r} result, not {method_name!r}")
+    return meta, load_file(str(path / WEIGHTS_FILE))
+
+
+def copy_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy saved tensors into `model`'s parameters of the same names (mutates `model`); every name must exist."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise MethodError(f"{path}: tensors {', '.join(unknown[:5])} do not exist in this model; was it saved "
+                          f"from a different base model?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise MethodError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                                  f"{tuple(params[name].shape)}; was it saved from a different base model?")
+            params[name].copy_(tensor)
