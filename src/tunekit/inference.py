@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .engine.device import pick_device, resolve_precision
+from .engine.device import keep_freed_memory, pick_device, resolve_precision
 from .models import DTYPES, load_model, load_tokenizer
 
 
@@ -27,6 +27,8 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
     model is cast to the inference dtype, so a merged bf16 model rounds W + BA once rather than each term.
     """
     dev = pick_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     base = load_model(model, dtype="float32", device=dev)
     tok_source = model
     if adapter is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import resource
 import sys
 from functools import lru_cache
@@ -29,6 +31,35 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return sys.platform == "darwin" and torch.backends.mps.is_available()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed tensor memory for reuse instead of returning it to the OS (Linux/glibc only).
+
+    By default glibc serves allocations above 32 MiB with fresh mmap()s and gives them back on free, so every
+    step's large activations and logits are page-faulted in again (a kernel zero-fill per 4 KiB page). On the
+    2-core test VM that was ~1/3 of a LoRA step's wall time; measured on a microbenchmark of the step's largest
+    ops: 300k minor faults and 0.63 s -> 0 faults and 0.28 s. The cost: the process keeps its peak heap
+    (peak RSS is unchanged). Set TUNEKIT_MALLOC_TUNING=0 to leave malloc alone. Returns True when applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if os.environ.get("TUNEKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # mallopt takes a C int: 2**30 and 2**31 - 1 are the largest useful values (an overflow would silently be 0).
+    _MALLOC_TUNED = bool(mallopt(M_MMAP_THRESHOLD, 2**30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return _MALLOC_TUNED
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

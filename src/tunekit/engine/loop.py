@@ -25,7 +25,8 @@ from ..methods import build_method, cast_frozen_linears_, count_parameters, trai
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .device import autocast, peak_memory_bytes, pick_device, reset_peak_memory, resolve_precision
+from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
+                     resolve_precision)
 from .loss import label_only_loss_sum
 from .metrics import MetricsLog, Progress, Sinks, read_metrics
 from .schedule import build_optimizer, build_scheduler
@@ -110,6 +111,8 @@ def train(cfg: Config) -> TrainResult:
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     device = pick_device(tc.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     precision = resolve_precision(tc.precision, device)
     reset_peak_memory(device)
 
