@@ -110,6 +110,7 @@ def base_overrides(model_dir: Path, train_file: Path, output_dir: Path) -> dict:
         "train.save_every": 0,
         "train.progress": False,
         "train.seed": 0,
+        "train.energy": False,  # codecarbon's hardware probe costs ~5 s per run; one test covers it
     }
 
 

@@ -247,6 +247,10 @@ class TrainConfig(Section):
         default_factory=list, description="Extra metric sinks (their libraries must be installed)."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    energy: bool = Field(True, description="Measure (RAPL/NVML) or estimate the run's energy and CO2e with codecarbon, "
+                         "offline; shown in the run card.")
+    country_iso_code: str = Field("DEU", description="3-letter ISO code of the grid whose carbon intensity converts "
+                                  "kWh to CO2e (codecarbon's table).")
 
 
 class Config(Section):

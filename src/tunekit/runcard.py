@@ -36,6 +36,14 @@ def load_instructions(run_dir: Path, model_name: str) -> str:
     return f"`tunekit generate --model {run_dir} --prompt '...'` (a complete transformers model folder)"
 
 
+def _energy(result) -> str:
+    if not result.energy:
+        return result.energy_note or "not measured"
+    e = result.energy
+    return (f"{e['kwh'] * 1000:.2f} Wh, {e['co2e_kg'] * 1000:.2f} g CO2e ({e['country']} grid mix); "
+            f"{e['source']} (codecarbon, offline)")
+
+
 def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None) -> Path:
     """`method` (the Method object, optional) adds its report() rows and its effective packing."""
     pct = 100 * result.trainable_params / max(result.total_params, 1)
@@ -54,6 +62,10 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None) -> Pa
                   f"packing {'on' if packing else 'off'})"),
         ("Tokens seen", f"{result.tokens_seen:,}"),
         ("Throughput", f"{result.tokens_per_s:,.0f} tokens/s (after the first step)"),
+        ("MFU", "n/a" if result.mfu is None else
+         f"{100 * result.mfu:.1f}% of the measured {result.matmul_peak_flops / 1e9:,.0f} GFLOP/s matmul peak "
+         f"({result.flops_per_token / 1e6:,.0f} MFLOP per token; formula in tunekit/engine/flops.py)"),
+        ("Energy", _energy(result)),
         ("Peak memory", f"{_fmt_bytes(result.peak_memory_bytes)} "
                         f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"),
         ("Eval loss", f"{_fmt_loss(result.eval_loss_before)} before -> {_fmt_loss(result.eval_loss_after)} after"),

@@ -98,7 +98,8 @@ def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
     from ..engine.flops import ModelShape, flops_per_token
     from ..models import load_model
 
-    return flops_per_token(ModelShape.from_model(load_model(model)), label_fraction, mean_len, trains_base=False)
+    base = load_model(model).requires_grad_(False)  # LoRA: every base weight frozen
+    return flops_per_token(ModelShape.from_model(base), label_fraction, mean_len)
 
 
 def format_markdown(rows: list[dict], meta: dict) -> str:

@@ -4,8 +4,9 @@ MFU = tokens/s x FLOPs per token / measured peak. The FLOP count is the work the
 every tool whatever it actually executes (padding, logits at every position and recomputation are waste,
 not credit):
 
-    frozen base (LoRA and other adapters):  F = 4·P_lin + 4·P_head·f_label + 12·n_layers·L̄/2·d_attn
-    full fine-tuning:                        F = 6·P_lin + 6·P_head·f_label + 12·n_layers·L̄/2·d_attn
+    F = 4·P_lin + 2·P_lin,trained + (4 or 6)·P_head·f_label + 12·n_layers·L̄/2·d_attn
+
+    (frozen base, e.g. LoRA: P_lin,trained = 0 and 4·P_head; full fine-tuning: 6·P_lin and 6·P_head)
 
 P_lin: weights of the linear layers inside the decoder; P_head: LM-head weights (V x H); f_label: share of
 tokens that carry a loss (only those need logits); forward = 2 FLOPs per weight per token, the backward pass
@@ -31,34 +32,53 @@ class ModelShape:
     d_attn: int  # heads x head_dim
     linear_params: int  # decoder linear weights (excludes embeddings and the LM head)
     head_params: int  # V x H
+    trainable_linear_params: int = 0  # of linear_params, those that train (full / freeze methods)
+    head_trains: bool = False
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ModelShape":
-        """Read the shape from a transformers causal LM (peft-wrapped or not)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    def from_model(cls, model: nn.Module, linear_weights: list[torch.Tensor] | None = None) -> "ModelShape":
+        """Read the shape from a transformers causal LM (peft-wrapped or not).
+
+        `linear_weights`: the base model's decoder linear weights, taken with base_linear_weights() before a
+        method added its own layers (LoRA's A/B, bottleneck adapters are nn.Linear too, and their FLOPs are
+        not model FLOPs). Whether they train is read now, after the method froze or unfroze them.
+        """
+        base = _unwrap(model)
         cfg = base.config
         head = base.get_output_embeddings()
-        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-        decoder = base.get_decoder()
-        linear = 0
-        for module in decoder.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, nn.Linear) and weight is not None and id(weight) not in head_ids:
-                linear += weight.numel()
+        weights = base_linear_weights(base) if linear_weights is None else linear_weights
+        linear = sum(w.numel() for w in weights)
+        trainable = sum(w.numel() for w in weights if w.requires_grad)
         d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         head_params = head.weight.numel() if head is not None else 0
-        return cls(cfg.num_hidden_layers, cfg.num_attention_heads * d_head, linear, head_params)
+        head_trains = head is not None and head.weight.requires_grad
+        return cls(cfg.num_hidden_layers, cfg.num_attention_heads * d_head, linear, head_params, trainable, head_trains)
 
 
-def flops_per_token(shape: ModelShape, label_fraction: float, mean_seq_len: float, trains_base: bool) -> float:
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def base_linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Weights of the decoder's nn.Linear layers, LM head excluded; call on the base model before a method."""
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    return [m.weight for m in base.get_decoder().modules()
+            if isinstance(m, nn.Linear) and m.weight is not None and id(m.weight) not in head_ids]
+
+
+def flops_per_token(shape: ModelShape, label_fraction: float, mean_seq_len: float) -> float:
     """Model FLOPs for one trained token (formula in the module docstring)."""
-    per_weight = 6 if trains_base else 4
+    linear = 4 * shape.linear_params + 2 * shape.trainable_linear_params
+    head = (6 if shape.head_trains else 4) * shape.head_params * label_fraction
     attention = 12 * shape.n_layers * (mean_seq_len / 2) * shape.d_attn
-    return per_weight * shape.linear_params + per_weight * shape.head_params * label_fraction + attention
+    return linear + head + attention
 
 
-FORMULA = ("F/token = 4*P_lin + 4*P_head*f_label + 12*n_layers*(L/2)*d_attn (frozen base; 6 instead of 4 when the "
-           "base trains); MFU = tokens/s * F / measured matmul peak")
+FORMULA = ("F/token = 4*P_lin + 2*P_lin_trained + (4|6)*P_head*f_label + 12*n_layers*(L/2)*d_attn (forward 2, "
+           "input gradient 2, weight gradient 2 FLOPs per weight; adapter FLOPs omitted); "
+           "MFU = tokens/s * F / measured matmul peak")
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.0) -> float:

@@ -25,6 +25,8 @@ from ..methods import build_method, cast_frozen_linears_, count_parameters, trai
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .energy import EnergyMeter
+from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
 from .loss import label_only_loss_sum
@@ -47,6 +49,11 @@ class TrainResult:
     precision: str
     device: str
     interrupted: bool = False
+    mfu: float | None = None  # model FLOPs utilisation against the measured matmul peak (engine/flops.py)
+    flops_per_token: float | None = None
+    matmul_peak_flops: float | None = None
+    energy: dict | None = None  # engine/energy.py EnergyReport, or None with energy_note saying why
+    energy_note: str = ""
 
 
 class _StopFlag:
@@ -123,12 +130,18 @@ def train(cfg: Config) -> TrainResult:
 
     model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     method = build_method(cfg.method)
+    linear_weights = base_linear_weights(model)  # before the method adds layers of its own (for MFU)
     model = method.apply(model).to(device)
     if precision == "bf16":
         cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
+    # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
+    n_tok = sum(len(ex.input_ids) for ex in data.train)
+    n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
+    flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1), n_tok / max(len(data.train), 1))
+    peak = cached_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     packing = cfg.data.packing and method.supports_packing
@@ -163,6 +176,8 @@ def train(cfg: Config) -> TrainResult:
 
     head = method.lm_head(model)
     progress = Progress(steps, start_step, tc.progress)
+    energy = EnergyMeter(tc.energy, tc.country_iso_code)
+    energy.start()
     model.train()
     step, rate_tokens, rate_time, eval_after, interrupted = start_step, 0, 0.0, None, False
 
@@ -207,7 +222,7 @@ def train(cfg: Config) -> TrainResult:
             if step % tc.log_every == 0 or "eval_loss" in record or step == steps:
                 log.write(record)
                 sinks.log(record, step)
-            progress.update(step, loss, n_tokens / dt, lr)
+            progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / peak)
             if stop.requested:
                 interrupted = True
                 break
@@ -219,6 +234,7 @@ def train(cfg: Config) -> TrainResult:
         checkpoint()
     progress.close()
     log.close()
+    energy_report = energy.stop()
 
     result = TrainResult(
         run_dir=str(run_dir), steps=step, tokens_seen=tokens_seen,
@@ -226,6 +242,8 @@ def train(cfg: Config) -> TrainResult:
         eval_loss_before=eval_before, eval_loss_after=eval_after,
         trainable_params=n_trainable, total_params=n_total, peak_memory_bytes=peak_memory_bytes(device),
         wall_time_s=time.perf_counter() - t_start, precision=precision, device=str(device), interrupted=interrupted,
+        mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
+        matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
     )
     if interrupted:
         print(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "

@@ -1,0 +1,69 @@
+"""Model FLOPs per token against a count by hand, and MFU / energy reported by a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from tunekit.config import FullMethod, LoraMethod
+from tunekit.engine import train
+from tunekit.engine.flops import ModelShape, base_linear_weights, flops_per_token, measure_matmul_peak
+from tunekit.methods import build_method
+from tunekit.models import load_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def by_hand() -> dict:
+    h, inter, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    kv = TINY["num_key_value_heads"] * h // TINY["num_attention_heads"]
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * inter  # q, k, v, o, gate, up, down
+    return {"linear": layers * per_layer, "layers": layers, "d_attn": h}
+
+
+def test_model_shape_counts_the_decoder_linears(tiny_model_dir, tokenizer):
+    shape = ModelShape.from_model(load_model(str(tiny_model_dir)))
+    ref = by_hand()
+    assert shape.linear_params == ref["linear"]
+    assert shape.head_params == load_model(str(tiny_model_dir)).lm_head.weight.numel()
+    assert (shape.n_layers, shape.d_attn) == (ref["layers"], ref["d_attn"])
+
+
+def test_flops_per_token_frozen_base_and_full(tiny_model_dir):
+    ref = by_hand()
+    base = load_model(str(tiny_model_dir))
+    weights = base_linear_weights(base)
+    lora = build_method(LoraMethod(r=4)).apply(base)
+    shape = ModelShape.from_model(lora, weights)  # LoRA's own A/B linears are not counted
+    head = shape.head_params
+    attention = 12 * ref["layers"] * (100 / 2) * ref["d_attn"]
+    assert shape.trainable_linear_params == 0 and not shape.head_trains
+    assert flops_per_token(shape, 0.25, 100) == pytest.approx(4 * ref["linear"] + 4 * head * 0.25 + attention)
+    full = ModelShape.from_model(build_method(FullMethod()).apply(load_model(str(tiny_model_dir))))
+    assert ModelShape.from_model(lora).linear_params > ref["linear"]  # why base weights are taken first
+    assert full.trainable_linear_params == ref["linear"] and full.head_trains
+    assert flops_per_token(full, 0.25, 100) == pytest.approx(6 * ref["linear"] + 6 * head * 0.25 + attention)
+
+
+def test_matmul_peak_is_a_plausible_rate():
+    peak = measure_matmul_peak(torch.float32, n=256, seconds=0.2)
+    assert 1e8 < peak < 1e15
+
+
+def test_run_reports_mfu_and_energy_in_result_and_run_card(make_config, tmp_path):
+    cfg = make_config(tmp_path / "run", {"train.energy": True, "train.max_steps": 3})
+    result = train(cfg)
+    assert result.flops_per_token > 0 and result.matmul_peak_flops > 0
+    assert result.mfu == pytest.approx(result.tokens_per_s * result.flops_per_token / result.matmul_peak_flops)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| MFU |" in card and "GFLOP/s matmul peak" in card
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    if saved["energy"] is None:  # codecarbon could not probe this machine: the card must say why
+        assert saved["energy_note"] and saved["energy_note"] in card
+    else:
+        assert saved["energy"]["kwh"] > 0
+        assert saved["energy"]["source"].split(" ")[0] in ("measured", "estimated")
+        assert "Wh" in card and "CO2e" in card
