@@ -111,6 +111,7 @@ def base_overrides(model_dir: Path, train_file: Path, output_dir: Path) -> dict:
         "train.progress": False,
         "train.seed": 0,
         "train.energy": False,  # codecarbon's hardware probe costs ~5 s per run; one test covers it
+        "train.compile": "off",  # compiling costs ~1 min per run; test_engine_compile.py covers it
     }
 
 

@@ -110,7 +110,7 @@ def test_every_flag_in_help_is_accepted_and_described(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["train", "--bogus", "1"], ["--bogus", "--config", "--print-config"]),
     (["train", "stray"], ["'stray'"]),
-    (["train", "--train.bogus", "1", "--print-config"], ["train.bogus", "batch_size, device"]),
+    (["train", "--train.bogus", "1", "--print-config"], ["train.bogus", "batch_size, compile, country_iso_code, device"]),
     (["train", "--train.max_steps", "many", "--print-config"], ["train.max_steps"]),
     (["train", "--config", "/no/such/file.yaml"], ["/no/such/file.yaml", "not found"]),
 ])

@@ -29,6 +29,8 @@ ABLATIONS = {
     "tunekit -bf16 (fp32)": {"overrides": {"train.precision": "fp32"}},
     "tunekit -per-sequence attention (sdpa mask)": {"overrides": {"model.attn_implementation": "sdpa"}},
     "tunekit -fused AdamW": {"unfused_adamw": True},
+    "tunekit -malloc tuning (glibc default)": {"env": {"TUNEKIT_MALLOC_TUNING": "0"}},
+    "tunekit +torch.compile": {"overrides": {"train.compile": "on"}},
 }
 LABELS = {"trainer": "Trainer + peft (fp32, padded)", "trl": "TRL SFTTrainer (bf16, packing)", "tunekit": "tunekit"}
 
@@ -66,8 +68,9 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(dict(spec, out=str(out)), indent=1))
     log = open(out / "log.txt", "w")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **spec.get("variant", {}).get("env", {}))
     proc = subprocess.Popen([sys.executable, "-m", "tunekit.bench.runners", str(spec_path)], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                            stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()

@@ -83,6 +83,11 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    if _MALLOC_TUNED:  # hand back the free heap kept by keep_freed_memory(), so the new window starts clean
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
     try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

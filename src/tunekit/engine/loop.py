@@ -25,6 +25,7 @@ from ..methods import build_method, cast_frozen_linears_, count_parameters, trai
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .compile import compile_decoder_layers_
 from .energy import EnergyMeter
 from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
@@ -137,10 +138,13 @@ def train(cfg: Config) -> TrainResult:
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
+    compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device, method.supports_compile,
+                                           steps)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
-    flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1), n_tok / max(len(data.train), 1))
+    flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1),
+                                n_tok / max(len(data.train), 1))
     peak = cached_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
@@ -172,7 +176,7 @@ def train(cfg: Config) -> TrainResult:
     sinks = Sinks(tc.report_to, run_dir, cfg.model_dump(mode="json"))
     print(f"[tunekit] {data.stats.summary()}", flush=True)
     print(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
-          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}", flush=True)
+          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}", flush=True)
 
     head = method.lm_head(model)
     progress = Progress(steps, start_step, tc.progress)

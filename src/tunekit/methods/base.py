@@ -26,6 +26,8 @@ class Method(ABC):
     # Whether training may pack several sequences into one row (per-sequence attention via cu_seq_lens). Methods
     # that prepend virtual tokens (prompt/prefix tuning) need one sequence per row: the loop pads instead.
     supports_packing: bool = True
+    # Whether the engine may torch.compile the decoder layers with this method's modules inside them.
+    supports_compile: bool = True
 
     @abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:

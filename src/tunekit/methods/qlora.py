@@ -138,6 +138,7 @@ def dequantize_linears_(model: nn.Module) -> int:
 
 class QLora(Lora):
     name = "qlora"
+    supports_compile = False  # bitsandbytes' 4-bit matmuls are opaque to Inductor (graph breaks, no gain)
 
     def __init__(self, cfg: QLoraMethod):
         super().__init__(cfg)
