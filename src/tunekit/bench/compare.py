@@ -49,14 +49,27 @@ def method_overrides(method: str) -> dict:
     return dict(METHOD_SETTINGS[method])
 
 
-def train_one(overrides: dict, isolate: bool) -> dict:
-    """Train with the demo preset + `overrides`; returns result.json. `isolate`: in a fresh process."""
+def config_file(overrides: dict, path: Path) -> Path:
+    """The demo preset with its method section replaced by the method.* keys of `overrides`, written to `path`
+    (so the preset's LoRA options do not leak into other methods)."""
+    import yaml
+
+    tree = yaml.safe_load(PRESET.read_text())
+    tree["method"] = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("method.")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def train_one(overrides: dict, config: Path, isolate: bool) -> dict:
+    """Train with `config` + the non-method `overrides`; returns result.json. `isolate`: in a fresh process."""
+    rest = {k: v for k, v in overrides.items() if not k.startswith("method.")}
     if not isolate:
         from ..api import train
 
-        return asdict(train(load_config(PRESET, overrides)))
-    argv = [sys.executable, "-m", "tunekit.cli", "train", "--config", str(PRESET)]
-    argv += [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+        return asdict(train(load_config(config, rest)))
+    argv = [sys.executable, "-m", "tunekit.cli", "train", "--config", str(config)]
+    argv += [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in rest.items()]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(argv[3:])}):\n{proc.stderr[-3000:]}")
@@ -81,7 +94,7 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
                 "train.save_every": 0, "train.progress": False, **method_overrides(m), **(overrides or {})}
         print(f"== {m}: training {steps} steps", flush=True)
         t0 = time.perf_counter()
-        result = train_one(tree, isolate)
+        result = train_one(tree, config_file(tree, out_dir / "configs" / f"{m}.yaml"), isolate)
         train_s = time.perf_counter() - t0
         print(f"== {m}: exact match on {n_test} test examples", flush=True)
         full = (run_dir / "config.json").exists()
