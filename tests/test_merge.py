@@ -9,7 +9,7 @@ import torch
 
 from method_checks import base, perturb_trainable_
 from tunekit.config import config_to_yaml
-from tunekit.merge import merge
+from tunekit.merging import merge
 from tunekit.methods import MethodError, build_method
 
 IDS = torch.tensor([[1, 15, 27, 300, 4000, 9, 12, 77], [5, 6, 7, 8, 9, 10, 11, 12]])

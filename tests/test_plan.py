@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import TINY
-from tunekit.plan import QLORA_BITS, PlanError, load_shape, plan, presets
+from tunekit.planner import QLORA_BITS, PlanError, load_shape, plan, presets
 
 H, I, L = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
 KV = TINY["num_key_value_heads"] * H // TINY["num_attention_heads"]
@@ -93,13 +93,13 @@ def test_cli_plan(tiny_model_dir, capsys):
 
 
 def test_training_warns_when_the_plan_exceeds_free_memory(tmp_path, make_config, monkeypatch, capsys):
-    import tunekit.plan
+    import tunekit.planner
     from tunekit.engine import train
 
-    monkeypatch.setattr(tunekit.plan, "free_memory_bytes", lambda device="cpu": 2**20)
+    monkeypatch.setattr(tunekit.planner, "free_memory_bytes", lambda device="cpu": 2**20)
     train(make_config(tmp_path / "run", {"train.max_steps": 1}))
     lines = [x for x in capsys.readouterr().out.splitlines() if "warning: the memory plan" in x]
     assert len(lines) == 1 and "GiB is free" in lines[0]
-    monkeypatch.setattr(tunekit.plan, "free_memory_bytes", lambda device="cpu": 2**40)
+    monkeypatch.setattr(tunekit.planner, "free_memory_bytes", lambda device="cpu": 2**40)
     train(make_config(tmp_path / "run2", {"train.max_steps": 1}))
     assert "warning: the memory plan" not in capsys.readouterr().out

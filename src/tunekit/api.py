@@ -70,7 +70,7 @@ def evaluate(data: str, model: str = "smollm2-135m", adapter: str | None = None,
 def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float32", device: str = "cpu"):
     """Fold a run folder's adapter into its base model; write a plain transformers folder to `out`. Returns a
     MergeResult (out_dir, method, base_model, dtype, note)."""
-    from .merge import merge as run
+    from .merging import merge as run
 
     return run(adapter, out, model=model, dtype=dtype, device=device)
 
@@ -78,8 +78,8 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
 def plan(model: str = "smollm2-135m", method: str = "lora", **options):
     """Predicted peak training memory (a MemoryPlan: weights, adapter, gradients, optimizer, activations, overhead).
     Options: seq_len, batch, rank, target, precision, device, label_fraction, virtual_tokens, bottleneck,
-    freeze_layers (see tunekit.plan.plan)."""
-    from .plan import plan as run
+    freeze_layers (see tunekit.planner.plan)."""
+    from .planner import plan as run
 
     return run(model, method=method, **options)
 

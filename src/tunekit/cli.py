@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data.errors import DataError
         from .methods import MethodError
         from .models import ModelError
-        from .plan import PlanError
+        from .planner import PlanError
 
         if isinstance(e, (DataError, MethodError, ModelError, PlanError, FileNotFoundError)):
             print(f"tunekit: {e}", file=sys.stderr)

@@ -121,7 +121,7 @@ def train(cfg: Config) -> TrainResult:
     data = prepare_data(cfg.data, tokenizer)
     pad_id = tokenizer.pad_token_id
     if tc.plan_check:
-        from ..plan import warn_if_over_free_memory
+        from ..planner import warn_if_over_free_memory
 
         warning = warn_if_over_free_memory(cfg, data.stats, device, precision)
         if warning:

@@ -194,11 +194,12 @@ class Trainable:
     lora_inputs: tuple[str, ...] = ()  # linears whose input a LoRA A (or a trained weight) saves
     lora_rank: int = 0
     full_layers: int = 0  # decoder layers whose weights all train (norm outputs, linear inputs saved)
+    extra_per_token: int = 0  # bytes per token and layer a method keeps beyond that (IA3's scaled tensors)
     grad_layers: int = 0  # decoder layers the gradient flows through (all, unless freeze stops it)
 
 
 def method_trainable(s: ModelShape, method: str, rank: int, target: str, virtual_tokens: int, bottleneck: int,
-                     freeze_layers: int) -> Trainable:
+                     freeze_layers: int, compute_bytes: int = 2) -> Trainable:
     lin = s.linears()
     targets = [t for t in TARGETS.get(target, ()) if t in lin]
     L = s.layers
@@ -212,7 +213,8 @@ def method_trainable(s: ModelShape, method: str, rank: int, target: str, virtual
         return Trainable(base_params=freeze_layers * per_layer, lora_inputs=tuple(lin), full_layers=freeze_layers,
                          grad_layers=freeze_layers)
     if method == "ia3":  # peft's Llama defaults: k_proj, v_proj outputs, down_proj input
-        return Trainable(adapter_params=L * (2 * s.kv_width + s.intermediate), grad_layers=L)
+        return Trainable(adapter_params=L * (2 * s.kv_width + s.intermediate), grad_layers=L,
+                         extra_per_token=compute_bytes * (2 * s.kv_width + s.intermediate))
     if method == "bitfit":
         return Trainable(adapter_params=L * sum(lin[t][1] for t in targets), grad_layers=L)
     if method == "adapter":  # houlsby: after attention and after the MLP
@@ -230,24 +232,27 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
                       full: bool) -> int:
     """Bytes one decoder layer saves for backward. c: compute dtype bytes (2 bf16, 4 fp32).
 
-    Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h), the rotated query
-    and key (c x (a*d + k*d)) and the value (c x k*d) the attention matmuls keep, the MLP's gate output, its
-    activation and the up output (3 x c x i; 2 without a gate). Attention on CPU keeps the probabilities of
-    each sequence in fp32 and in the compute dtype (a x L^2 x (4 + c), c = 0 extra in fp32 since the cast is a
-    no-op); on CUDA SDPA keeps its output (c x a*d) and a log-sum-exp per head and row (4a).
+    Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h); RoPE's cos and sin
+    (2 x c x d); the MLP's gate output, its activation and the up output (3 x c x i; 2 without a gate). On CPU
+    tunekit's attention (attention.py) multiplies grouped heads by broadcasting, which materialises the keys and
+    values once per query head: the rotated query, keys and values are kept at the query width (3 x c x a*d), and
+    the probabilities of each sequence in fp32 and in the compute dtype (a x L^2 x (4 + c); in fp32 the cast is a
+    no-op). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
     A trained weight (LoRA's A, or the weight itself) keeps its layer's input: under bf16 autocast every linear
     reading the fp32 norm output casts it anew (c x h per such linear); in fp32 they share the norm output (4h
     per block); o_proj and down_proj read compute-dtype tensors (c x a*d, c x i). LoRA adds A's output (c x r).
-    Full training also keeps both norm outputs (2 x 4h) for the norm weights.
+    Full training also keeps both norm outputs (2 x 4h) for the norm weights. `tr.extra_per_token` adds what
+    other methods keep (IA3: the scaled k, v outputs and the down_proj input).
     """
-    h, i, q, kv = s.hidden, s.intermediate, s.q_width, s.kv_width
+    h, i, q, kv, d = s.hidden, s.intermediate, s.q_width, s.kv_width, s.head_dim
     n_mlp_out = 3 if s.gated_mlp else 2
-    per_token = 2 * 4 * h + c * (q + kv) + c * kv + n_mlp_out * c * i
+    per_token = 2 * 4 * h + 2 * c * d + n_mlp_out * c * i + tr.extra_per_token
     if device == "cpu":
+        per_token += 3 * c * q
         quadratic = seqs * s.heads * seq_len**2 * (4 + (c if c == 2 else 0))
     else:
+        per_token += c * (2 * q + 2 * kv) + 4 * s.heads
         quadratic = 0
-        per_token += c * q + 4 * s.heads
     inputs = tr.lora_inputs
     if inputs:
         reads_norm = [t for t in inputs if t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
@@ -287,7 +292,8 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     if freeze_layers > s.layers:
         raise PlanError(f"freeze_layers {freeze_layers}: the model has {s.layers} layers")
     c = 2 if precision == "bf16" else 4
-    tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers)
+    tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers, c)
+    n_trainable = tr.adapter_params + tr.base_params
     notes: list[str] = []
 
     # --- weights ------------------------------------------------------------------------------------------------
@@ -305,7 +311,6 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
         notes.append(f"qlora: linear layers at {QLORA_BITS:.3f} bits per weight (NF4, block 64, double quant)")
 
     # --- trainable state ----------------------------------------------------------------------------------------
-    n_trainable = tr.adapter_params + tr.base_params
     adapter = 4 * tr.adapter_params
     gradients = 4 * n_trainable
     optimizer = 8 * n_trainable
@@ -317,17 +322,18 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     if prompt_like:
         notes.append(f"{method} trains on padded batches (no packing): {batch} rows of ~{width} tokens")
     full_layers = min(tr.full_layers, tr.grad_layers)
-    lora_tr = Trainable(lora_inputs=tr.lora_inputs, lora_rank=tr.lora_rank)
-    acts = (full_layers * layer_saved_bytes(s, lora_tr, tokens, batch, width, c, device, full=True)
-            + (tr.grad_layers - full_layers) * layer_saved_bytes(s, lora_tr if method in ("lora", "qlora", "dora")
-                                                                 else Trainable(), tokens, batch, width, c, device,
-                                                                 full=False))
-    if method == "full" and c == 2:
-        acts += 2 * (linear + (0 if s.tied else embed))  # autocast's bf16 copies of trained fp32 weights
-    elif method == "freeze" and c == 2:
-        acts += 2 * tr.base_params
+    saved = Trainable(lora_inputs=tr.lora_inputs, lora_rank=tr.lora_rank, extra_per_token=tr.extra_per_token)
+    plain = saved if method in ("lora", "qlora", "dora") else Trainable(extra_per_token=tr.extra_per_token)
+    acts = (full_layers * layer_saved_bytes(s, saved, tokens, batch, width, c, device, full=True)
+            + (tr.grad_layers - full_layers) * layer_saved_bytes(s, plain, tokens, batch, width, c, device, full=False))
+    if c == 2:  # autocast's bf16 copies of trained fp32 matmul weights, kept for backward
+        acts += 2 * (linear + (0 if s.tied else embed) if method == "full" else n_trainable)
     labels = int(tokens * label_fraction)
     acts += 4 * s.hidden * (tokens + labels)  # the final norm's input, the loss's fp32 (N_labels, h) gradient
+    if method == "full":
+        acts += 4 * s.hidden * tokens  # the final norm's output, for its trained weight
+    if method not in ("full", "prompt", "ptuning"):
+        acts -= 4 * s.hidden * tokens  # the embedding output needs no gradient: layer 0 keeps no copy of it
     acts += min(labels * s.vocab * 4, LOSS_CHUNK_BYTES) * (1 + 2 * c / 4)  # one logits chunk, fp32 + two copies
     if method == "full":
         acts += 4 * embed  # the head's gradient is made in the loss's forward pass
