@@ -103,3 +103,57 @@ def test_training_warns_when_the_plan_exceeds_free_memory(tmp_path, make_config,
     monkeypatch.setattr(tunekit.planner, "free_memory_bytes", lambda device="cpu": 2**40)
     train(make_config(tmp_path / "run2", {"train.max_steps": 1}))
     assert "warning: the memory plan" not in capsys.readouterr().out
+
+
+def saved_for_backward_bytes(model, method, ids, pos, targets) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward of the engine's path (parameters excluded)."""
+    import torch
+
+    from tunekit.engine.device import autocast
+    from tunekit.engine.loss import label_only_loss_sum
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), "bf16"):
+        hidden = method.hidden_states(model, ids, pos, None)
+        label_only_loss_sum(hidden, method.lm_head(model), targets)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "full"}])
+def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
+    """The activation formula against the tensors autograd really keeps (bf16 autocast, packed rows, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tunekit.attention import register
+    from tunekit.config import METHODS
+    from tunekit.methods import build_method, cast_frozen_linears_
+    from tunekit.planner import LOSS_CHUNK_BYTES
+
+    register()
+    cfg = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tunekit_sdpa")
+    method = build_method(METHODS[spec["name"]](**spec))
+    model = method.apply(model)
+    cast_frozen_linears_(model, torch.bfloat16)
+    n_seq, seq_len = 3, 40
+    ids = torch.randint(0, 512, (1, n_seq * seq_len))
+    targets = ids.clone()
+    targets[:, : n_seq * seq_len // 2] = -100
+    measured = saved_for_backward_bytes(model, method, ids, torch.arange(seq_len).repeat(n_seq)[None], targets)
+    p = plan(str(tmp_path), method=spec["name"], rank=spec.get("r", 16), seq_len=seq_len, batch=n_seq,
+             label_fraction=0.5)
+    chunk = min(n_seq * seq_len // 2 * 512 * 4, LOSS_CHUNK_BYTES) * 2  # transient logits, not saved
+    assert abs((p.activations - chunk) / measured - 1) < 0.03
