@@ -46,13 +46,18 @@ def attach_adapter(base, path: Path, dev: torch.device, merge: bool):
 
     Methods that cannot merge (prefix, prompt, p-tuning, bottleneck adapters) stay attached unmerged, with a note.
     """
-    from .methods import method_for_folder
+    from .methods import MethodError, method_for_folder
     from .methods.base import METHOD_FILE
 
     if not ((path / "adapter_config.json").exists() or (path / METHOD_FILE).exists()):
         raise FileNotFoundError(f"{path}: no adapter_config.json; pass a tunekit run folder or a PEFT adapter "
                                 f"(a full fine-tune is a model folder: use it as --model)")
-    method = method_for_folder(path)
+    try:
+        method = method_for_folder(path)
+    except MethodError:
+        if not (path / "adapter_config.json").exists():
+            raise
+        method = None  # a PEFT method tunekit does not train (LoHa, ...): peft alone loads and merges it
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -62,7 +67,7 @@ def attach_adapter(base, path: Path, dev: torch.device, merge: bool):
         model = method.load(base, path).to(dev)
     if not merge:
         return model
-    if not method.can_merge:
+    if method is not None and not method.can_merge:
         print(f"[tunekit] method {method.name!r} cannot be merged into the base weights: running it unmerged",
               file=sys.stderr, flush=True)
         return model

@@ -317,6 +317,9 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
     if c == 2 and (s.tied or method == "full"):
         weights += 2 * embed  # the loss's cached bf16 copy of the fp32 head (engine/loss.py _compute_weight)
+    if method == "dora":
+        notes.append("dora: each forward also builds W + BA per adapted layer for the weight norm (one layer at a "
+                     "time, not counted)")
     if method == "qlora":
         notes.append(f"qlora: linear layers at {QLORA_BITS:.3f} bits per weight (NF4, block 64, double quant)")
 
