@@ -67,6 +67,32 @@ def evaluate(data: str, model: str = "smollm2-135m", adapter: str | None = None,
                                dtype=dtype)
 
 
+def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Fold a run folder's adapter into its base model; write a plain transformers folder to `out`. Returns a
+    MergeResult (out_dir, method, base_model, dtype, note)."""
+    from .merging import merge as run
+
+    return run(adapter, out, model=model, dtype=dtype, device=device)
+
+
+def plan(model: str = "smollm2-135m", method: str = "lora", **options):
+    """Predicted peak training memory (a MemoryPlan: weights, adapter, gradients, optimizer, activations, overhead).
+    Options: seq_len, batch, rank, target, precision, device, label_fraction, virtual_tokens, bottleneck,
+    freeze_layers (see tunekit.planner.plan)."""
+    from .planner import plan as run
+
+    return run(model, method=method, **options)
+
+
+def compare(methods: list[str] | None = None, model: str = "smollm2-135m", steps: int = 40, n_train: int = 1200,
+            n_test: int = 50, batch_size: int = 8, device: str = "auto", out: str = "runs/compare", **overrides):
+    """Train each method on the demo task with the same budget; returns the table rows (also written to `out`)."""
+    from .bench.compare import run_compare
+
+    return run_compare(methods=methods, model=model, steps=steps, n_train=n_train, n_test=n_test,
+                       batch_size=batch_size, device=device, out=out, overrides=overrides)
+
+
 def demo(out: str = "runs/demo", steps: int | None = None, n_test: int = 100):
     """The end-to-end demo; returns its results table as rows."""
     from .demo.pipeline import run_demo

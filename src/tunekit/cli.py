@@ -108,6 +108,56 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="score only the first N records")
     e.add_argument("--output", help="write predictions as JSONL here")
 
+    m = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers model folder")
+    m.add_argument("--adapter", required=True, help="a tunekit run folder or PEFT adapter folder")
+    m.add_argument("--out", required=True, help="folder for the merged model (safetensors + tokenizer + config)")
+    m.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the merged weights (the merge itself is computed in fp32)")
+    m.add_argument("--device", default="cpu")
+
+    a = sub.add_parser("adapters", help="several adapters on one base: `tunekit adapters combine ...`")
+    a_sub = a.add_subparsers(dest="adapters_command", metavar="SUBCOMMAND", required=True)
+    ac = a_sub.add_parser("combine", help="combine adapters (linear, cat, svd, ties, dare_*) into a new PEFT adapter")
+    ac.add_argument("--base", default="smollm2-135m", help="base model the adapters were trained on")
+    ac.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH",
+                    help="an adapter folder under a name; repeat for each adapter")
+    ac.add_argument("--how", default="linear", help="combination: linear, cat, svd, ties, ties_svd, dare_linear, "
+                    "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd")
+    ac.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default: equal)")
+    ac.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare, magnitude_prune)")
+    ac.add_argument("--svd-rank", type=int, default=None, help="rank of the result for *_svd (default: max rank)")
+    ac.add_argument("--out", required=True, help="folder for the combined PEFT adapter")
+    ac.add_argument("--device", default="cpu")
+
+    pl = sub.add_parser("plan", help="predict the peak memory of a training run from the model config alone")
+    pl.add_argument("--model", default="smollm2-135m",
+                    help="config.json, model folder, preset (configs/models: llama-3.2-1b, llama-3.1-8b, llama-3.1-70b) "
+                         "or packaged alias")
+    pl.add_argument("--method", default="lora", help="lora, qlora, dora, full, freeze, ia3, bitfit, prefix, prompt, "
+                                                     "ptuning, adapter")
+    pl.add_argument("--seq-len", type=int, default=512, help="mean tokens per training example")
+    pl.add_argument("--batch", type=int, default=8, help="examples per micro-batch (train.batch_size)")
+    pl.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    pl.add_argument("--target", default="all-linear", help="LoRA/BitFit targets: all-linear, attention, mlp")
+    pl.add_argument("--precision", default="bf16", help="bf16 or fp32")
+    pl.add_argument("--device", default="cpu", help="cpu or cuda")
+    pl.add_argument("--label-fraction", type=float, default=0.5, help="share of tokens with a loss")
+    pl.add_argument("--virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning virtual tokens")
+    pl.add_argument("--bottleneck", type=int, default=64, help="bottleneck adapter width")
+    pl.add_argument("--freeze-layers", type=int, default=1, help="freeze: how many decoder layers train")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")
+    cp.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: all)")
+    cp.add_argument("--model", default="smollm2-135m")
+    cp.add_argument("--steps", type=int, default=40, help="optimizer steps per method")
+    cp.add_argument("--n-train", type=int, default=1200, help="demo training examples")
+    cp.add_argument("--n-test", type=int, default=50, help="test examples for exact match")
+    cp.add_argument("--batch-size", type=int, default=8)
+    cp.add_argument("--device", default="auto")
+    cp.add_argument("--out", default="runs/compare", help="folder for runs, compare.md, compare.json, compare.png")
+
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
     d.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
@@ -145,6 +195,33 @@ def main(argv: list[str] | None = None) -> int:
                                   max_new_tokens=args.max_new_tokens, limit=args.limit, output=args.output,
                                   device=args.device, dtype=args.dtype)
             print(report.table())
+        elif args.command == "merge":
+            result = api.merge(args.adapter, args.out, model=args.model, dtype=args.dtype, device=args.device)
+            print(f"merged model: {result.out_dir}  (load with AutoModelForCausalLM.from_pretrained, or "
+                  f"tunekit generate --model {result.out_dir})")
+        elif args.command == "adapters":
+            from .adapters import combine_adapters
+
+            named = {}
+            for item in args.adapter:
+                name, eq, path = item.partition("=")
+                if not eq or not name or not path:
+                    raise SystemExit(f"tunekit adapters combine: --adapter takes NAME=PATH, got {item!r}")
+                named[name] = path
+            out = combine_adapters(args.base, named, args.how, args.weights, args.out, density=args.density,
+                                   svd_rank=args.svd_rank, device=args.device)
+            print(f"combined adapter: {out}  (use with --adapter {out})")
+        elif args.command == "plan":
+            result = api.plan(args.model, method=args.method, seq_len=args.seq_len, batch=args.batch, rank=args.rank,
+                              target=args.target, precision=args.precision, device=args.device,
+                              label_fraction=args.label_fraction, virtual_tokens=args.virtual_tokens,
+                              bottleneck=args.bottleneck, freeze_layers=args.freeze_layers)
+            import json
+
+            print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+        elif args.command == "compare":
+            api.compare(methods=args.methods, model=args.model, steps=args.steps, n_train=args.n_train,
+                        n_test=args.n_test, batch_size=args.batch_size, device=args.device, out=args.out)
         elif args.command == "demo":
             api.demo(out=args.out, steps=args.steps, n_test=args.n_test)
         else:
@@ -158,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         from .data.errors import DataError
         from .methods import MethodError
         from .models import ModelError
+        from .planner import PlanError
 
-        if isinstance(e, (DataError, MethodError, ModelError, FileNotFoundError)):
+        if isinstance(e, (DataError, MethodError, ModelError, PlanError, FileNotFoundError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

@@ -251,6 +251,9 @@ class TrainConfig(Section):
         default_factory=list, description="Extra metric sinks (their libraries must be installed)."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    plan_check: bool = Field(
+        True, description="Before training, warn when the memory plan (tunekit plan) exceeds the free memory."
+    )
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -32,28 +32,46 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
     base = load_model(model, dtype="float32", device=dev)
     tok_source = model
     if adapter is not None:
-        from .methods import saved_method
-        from .methods.base import METHOD_FILE
-
-        path = Path(adapter)
-        own_format = saved_method(path) if (path / METHOD_FILE).exists() else None  # adapter / bitfit / freeze
-        if (path / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            base = PeftModel.from_pretrained(base, str(path)).to(dev)
-        elif own_format is not None:
-            base = own_format.load(base, path).to(dev)
-        else:
-            raise FileNotFoundError(f"{path}: no adapter_config.json; pass a tunekit run folder or a PEFT adapter "
-                                    f"(a full fine-tune is a model folder: use it as --model)")
-        if (path / "tokenizer_config.json").exists():
-            tok_source = str(path)
-        if merge:
-            base = own_format.merge(base) if own_format is not None else base.merge_and_unload()
+        base = attach_adapter(base, Path(adapter), dev, merge)
+        if (Path(adapter) / "tokenizer_config.json").exists():
+            tok_source = str(adapter)
     tokenizer = load_tokenizer(tok_source)
     base = base.to(inference_dtype(dtype, dev))
     base.eval()
     return base, tokenizer
+
+
+def attach_adapter(base, path: Path, dev: torch.device, merge: bool):
+    """`base` with the run folder / PEFT adapter at `path` attached, folded in when `merge` and the method can.
+
+    Methods that cannot merge (prefix, prompt, p-tuning, bottleneck adapters) stay attached unmerged, with a note.
+    """
+    from .methods import MethodError, method_for_folder
+    from .methods.base import METHOD_FILE
+
+    if not ((path / "adapter_config.json").exists() or (path / METHOD_FILE).exists()):
+        raise FileNotFoundError(f"{path}: no adapter_config.json; pass a tunekit run folder or a PEFT adapter "
+                                f"(a full fine-tune is a model folder: use it as --model)")
+    try:
+        method = method_for_folder(path)
+    except MethodError:
+        if not (path / "adapter_config.json").exists():
+            raise
+        method = None  # a PEFT method tunekit does not train (LoHa, ...): peft alone loads and merges it
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        # The plain PEFT path (also for QLoRA runs: the adapter on the unquantized base).
+        model = PeftModel.from_pretrained(base, str(path)).to(dev)
+    else:
+        model = method.load(base, path).to(dev)
+    if not merge:
+        return model
+    if method is not None and not method.can_merge:
+        print(f"[tunekit] method {method.name!r} cannot be merged into the base weights: running it unmerged",
+              file=sys.stderr, flush=True)
+        return model
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else method.merge(model)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -128,6 +128,12 @@ def train(cfg: Config) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer)
     pad_id = tokenizer.pad_token_id
+    if tc.plan_check:
+        from ..planner import warn_if_over_free_memory
+
+        warning = warn_if_over_free_memory(cfg, data.stats, device, precision)
+        if warning:
+            print(warning, flush=True)
 
     model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     method = build_method(cfg.method)

@@ -121,4 +121,5 @@ class BottleneckAdapter(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise MethodError("bottleneck adapters cannot be merged into the base weights (the adapter has a "
-                          "nonlinearity between its two projections); load the run folder as an adapter instead")
+                          "nonlinearity between its two projections); serve the run folder as an adapter instead "
+                          "(tunekit generate --adapter RUN_DIR, or tunekit.methods.load_saved_method(base, RUN_DIR))")

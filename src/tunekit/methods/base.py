@@ -28,6 +28,8 @@ class Method(ABC):
     supports_packing: bool = True
     # Whether the engine may torch.compile the decoder layers with this method's modules inside them.
     supports_compile: bool = True
+    # Whether merge() can fold the result into plain base weights (LoRA, IA3, BitFit, freeze, full).
+    can_merge: bool = False
 
     @abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:
@@ -43,7 +45,8 @@ class Method(ABC):
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the method into plain base weights (zero inference overhead)."""
-        raise MethodError(f"method {self.name!r} cannot be merged into the base weights")
+        raise MethodError(f"method {self.name!r} cannot be merged into the base weights; load the run folder as "
+                          f"an adapter instead (tunekit generate --adapter RUN_DIR)")
 
     def causal_lm(self, model: nn.Module) -> nn.Module:
         """The underlying transformers *ForCausalLM (with the method's layers injected)."""

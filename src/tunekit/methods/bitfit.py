@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import BitFitMethod
-from .base import Method, copy_tensors_, read_own_format, save_own_format
+from .base import Method, MethodError, copy_tensors_, read_own_format, save_own_format
 from .targets import ATTENTION_PARENTS, MLP_PARENTS, in_group, resolve_targets, targeted_linears
 
 
@@ -35,6 +35,7 @@ def add_zero_biases_(model: nn.Module, paths: list[str]) -> None:
 
 class BitFit(Method):
     name = "bitfit"
+    can_merge = True
 
     def __init__(self, cfg: BitFitMethod):
         self.cfg = cfg
@@ -64,10 +65,23 @@ class BitFit(Method):
         return base
 
     def merge(self, model: nn.Module) -> nn.Module:
+        """The biases already are plain nn.Linear biases; make the model config say so (mutates `model`).
+
+        transformers has one flag per block (attention_bias, mlp_bias): when only some projections of a block got a
+        bias, the others get a zero one, so the merged model computes the same and reloads from its config.
+        """
         config = model.config
         for flag, group in (("attention_bias", ATTENTION_PARENTS), ("mlp_bias", MLP_PARENTS)):
-            layers = [m for p, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and in_group(p.rpartition(".")[0], group)]
-            if hasattr(config, flag) and layers and all(m.bias is not None for m in layers):
-                setattr(config, flag, True)
+            layers = {p: m for p, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and in_group(p.rpartition(".")[0], group)}
+            if not any(m.bias is not None for m in layers.values()):
+                continue
+            if not hasattr(config, flag):
+                if all(m.bias is not None for m in layers.values()):
+                    continue
+                raise MethodError(f"{type(model).__name__} has no config flag {flag!r}: a merged model with biases on "
+                                  f"only some of its projections would not reload; target all of them, or serve the "
+                                  f"run folder as an adapter")
+            add_zero_biases_(model, sorted(p for p, m in layers.items() if m.bias is None))
+            setattr(config, flag, True)
         return model

@@ -65,6 +65,7 @@ def module_names(model: nn.Module) -> list[str]:
 
 class Freeze(Method):
     name = "freeze"
+    can_merge = True
 
     def __init__(self, cfg: FreezeMethod):
         self.cfg = cfg

@@ -12,6 +12,7 @@ from .base import Method
 
 class Full(Method):
     name = "full"
+    can_merge = True
 
     def __init__(self, cfg: FullMethod):
         self.cfg = cfg

@@ -15,6 +15,8 @@ from .base import Method
 
 
 class PeftMethod(Method):
+    can_merge = True  # prompt-learning methods override this
+
     def __init__(self, cfg):
         self.cfg = cfg
 

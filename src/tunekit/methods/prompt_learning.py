@@ -21,6 +21,7 @@ from .peft_method import PeftMethod
 
 class PromptLearning(PeftMethod):
     supports_packing = False
+    can_merge = False
 
     @property
     def n_virtual(self) -> int:
@@ -28,7 +29,8 @@ class PromptLearning(PeftMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         raise MethodError(f"method {self.name!r} adds virtual tokens, not weights: it cannot be merged into the base "
-                          f"model; load the run folder as an adapter instead")
+                          f"model; serve the run folder as an adapter instead (tunekit generate --adapter RUN_DIR, or "
+                          f"PeftModel.from_pretrained(base, RUN_DIR))")
 
     def virtual_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, n_virtual + T) attention mask: the virtual positions are always visible."""

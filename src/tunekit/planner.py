@@ -1,0 +1,420 @@
+"""`tunekit plan`: predict the peak memory of a tunekit training run from the model's config alone.
+
+The prediction models what the engine (engine/loop.py) actually holds at its peak, the end of a forward pass of
+a micro-batch of step 2 (weights, adapter, optimizer state and every tensor saved for backward are alive):
+
+    weights      base weights: fp32 as loaded; under bf16 the frozen nn.Linear weights are stored in bf16
+                 (cast_frozen_linears_), the (tied) embedding stays fp32; QLoRA linears at 4.127 bits per weight
+                 (NF4, block 64, double quantization); plus the bf16 copy of an fp32 head the loss keeps
+    adapter      the trainable tensors the method adds (fp32); 0 for full / freeze / bitfit on existing biases
+    gradients    fp32, one per trainable weight
+    optimizer    AdamW: two fp32 states per trainable weight
+    activations  tensors autograd saves for backward, per decoder layer, counted from the architecture (hidden h,
+                 MLP width i, query width a*d, key/value width k*d, tokens N = batch x mean sequence length with
+                 packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps fp32 + compute-dtype
+                 probabilities), nothing quadratic on CUDA (SDPA keeps a log-sum-exp per row); no gradient
+                 checkpointing; the loss gathers label positions and computes logits in ~32 MiB chunks
+    allocator    CPU: holes glibc's heap keeps between saved tensors (CPU_HEAP_FACTOR, the one measured constant),
+                 less the gradients and optimizer state that fill them; CUDA: 5% caching-allocator rounding
+    overhead     CPU: the measured resident size of Python + torch + transformers + peft + the tokenizer and
+                 data before the model loads; CUDA: 0 (the CUDA context is not counted by
+                 torch.cuda.max_memory_allocated, which tunekit reports)
+
+Every term but the CPU allocator's is a closed form in the config values (see `layer_saved_bytes`); tests check
+them against hand computations and against the tensors autograd actually saves on tiny configs, and the README
+compares predictions with peaks measured by real runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MODEL_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
+PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "ia3", "bitfit", "prefix", "prompt", "ptuning", "adapter")
+QLORA_BITS = 4 + 8 / 64 + 32 / (256 * 64)  # NF4 + 8-bit block scales + fp32 scale per 256 scales = 4.127
+LOSS_CHUNK_BYTES = 2**23 * 4  # engine/loss.py: chunks of 2**23 fp32 logits (32 MiB)
+CPU_OVERHEAD = 400 * 2**20  # measured: RSS after importing tunekit/torch/transformers/peft + tokenizer + demo data
+# glibc's heap on CPU: the temporaries each layer frees between its saved tensors leave holes that the next
+# allocations only partly reuse, so the heap grows to about this multiple of the saved activations (measured on this
+# machine: peak RSS of 5-step LoRA runs of SmolLM2-135M at 4 and 8 sequences per micro-batch; see the README).
+# Gradients and optimizer state, allocated after the forward pass, land in those holes first.
+CPU_HEAP_FACTOR = 1.9
+CUDA_OVERHEAD_FRACTION = 0.05  # caching-allocator block rounding on top of live tensors
+GiB = 2**30
+
+
+class PlanError(ValueError):
+    """Bad planner input; the message says what is valid."""
+
+
+@dataclass
+class ModelShape:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    gated_mlp: bool = True  # Llama/Mistral/Qwen: gate, up, down; GPT-2/NeoX style: up, down
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        out = {"q_proj": (h, self.q_width), "k_proj": (h, self.kv_width), "v_proj": (h, self.kv_width),
+               "o_proj": (self.q_width, h), "up_proj": (h, i), "down_proj": (i, h)}
+        if self.gated_mlp:
+            out["gate_proj"] = (h, i)
+        return out
+
+    def layer_linear_params(self) -> int:
+        biases = {n: (self.attention_bias if n in ATTENTION else self.mlp_bias) for n in self.linears()}
+        return sum(a * b + (b if biases[n] else 0) for n, (a, b) in self.linears().items())
+
+    def total_params(self) -> int:
+        embed = self.vocab * self.hidden
+        norms = (2 * self.layers + 1) * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_linear_params() + norms
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+TARGETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
+NON_GATED = ("gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi")
+ALIASES = {"hidden_size": ("n_embd", "d_model"), "num_hidden_layers": ("n_layer", "num_layers"),
+           "num_attention_heads": ("n_head",), "intermediate_size": ("n_inner", "ffn_dim")}
+
+
+def _get(cfg: dict, key: str, source: str):
+    for k in (key, *ALIASES.get(key, ())):
+        if cfg.get(k) is not None:
+            return cfg[k]
+    raise PlanError(f"{source}: config has no {key!r} (nor {', '.join(ALIASES.get(key, ())) or 'an alias'}); is "
+                    f"it a transformers causal-LM config.json?")
+
+
+def shape_from_config(cfg: dict, source: str = "config") -> ModelShape:
+    """ModelShape from a transformers config dict (multimodal configs: their text_config)."""
+    cfg = cfg.get("text_config") or cfg
+    h = _get(cfg, "hidden_size", source)
+    heads = _get(cfg, "num_attention_heads", source)
+    model_type = cfg.get("model_type", "")
+    gated = model_type not in NON_GATED
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or cfg.get("ffn_dim") or 4 * h
+    return ModelShape(
+        name=cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or source, vocab=_get(cfg, "vocab_size", source),
+        hidden=h, intermediate=inter, layers=_get(cfg, "num_hidden_layers", source), heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or h // heads,
+        tied=bool(cfg.get("tie_word_embeddings", True)), gated_mlp=gated,
+        attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+    )
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in MODEL_PRESETS.glob("*.json"))
+
+
+def load_shape(model: str) -> ModelShape:
+    """`model`: a config.json, a model folder, a preset under configs/models/, or a packaged model alias."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists() and (MODEL_PRESETS / f"{model}.json").exists():
+        path = MODEL_PRESETS / f"{model}.json"
+    elif not path.exists():
+        from .models import PACKAGED, resolve_model_path
+
+        if model not in PACKAGED:
+            raise PlanError(f"model {model!r}: not a config.json, a model folder, a preset ({', '.join(presets())}) "
+                            f"or a packaged model ({', '.join(PACKAGED)})")
+        path = Path(resolve_model_path(model)) / "config.json"
+    if not path.exists():
+        raise PlanError(f"{path} not found: give a config.json or a folder holding one")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: not valid JSON ({e})") from None
+    shape = shape_from_config(cfg, str(path))
+    shape.name = model
+    return shape
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    method: str
+    device: str
+    precision: str
+    tokens_per_micro_batch: int
+    trainable_params: int
+    total_params: int
+    weights: int
+    adapter: int
+    gradients: int
+    optimizer: int
+    activations: int
+    allocator: int  # CPU: heap holes beyond the live tensors; CUDA: the caching allocator's rounding
+    overhead: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.allocator
+                + self.overhead)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("adapter", self.adapter), ("gradients", self.gradients),
+                ("optimizer state", self.optimizer), ("activations", self.activations),
+                ("allocator", self.allocator), ("framework overhead", self.overhead), ("total (peak)", self.total)]
+
+    def table(self) -> str:
+        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        head = (f"{self.model} / {self.method} / {self.precision} on {self.device}: {self.trainable_params:,} "
+                f"trainable of {self.total_params:,} ({pct:.3f}%), {self.tokens_per_micro_batch:,} tokens per "
+                f"micro-batch")
+        lines = [head, f"{'term':<20} {'GiB':>9}"] + [f"{k:<20} {v / GiB:>9.3f}" for k, v in self.rows()]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass
+class Trainable:
+    """What a method trains in one decoder layer, and outside the layers."""
+
+    adapter_params: int = 0  # new tensors (LoRA A/B, IA3 vectors, new biases, bottlenecks, prompts)
+    base_params: int = 0  # existing weights that train (full, freeze)
+    lora_inputs: tuple[str, ...] = ()  # linears whose input a LoRA A (or a trained weight) saves
+    lora_rank: int = 0
+    full_layers: int = 0  # decoder layers whose weights all train (norm outputs, linear inputs saved)
+    extra_per_token: int = 0  # bytes per token and layer a method keeps beyond that (IA3's scaled tensors)
+    grad_layers: int = 0  # decoder layers the gradient flows through (all, unless freeze stops it)
+
+
+def method_trainable(s: ModelShape, method: str, rank: int, target: str, virtual_tokens: int, bottleneck: int,
+                     freeze_layers: int, compute_bytes: int = 2) -> Trainable:
+    lin = s.linears()
+    targets = [t for t in TARGETS.get(target, ()) if t in lin]
+    L = s.layers
+    if method in ("lora", "qlora", "dora"):
+        per_layer = sum(rank * (lin[t][0] + lin[t][1]) + (lin[t][1] if method == "dora" else 0) for t in targets)
+        return Trainable(adapter_params=L * per_layer, lora_inputs=tuple(targets), lora_rank=rank, grad_layers=L)
+    if method == "full":
+        return Trainable(base_params=s.total_params(), lora_inputs=tuple(lin), full_layers=L, grad_layers=L)
+    if method == "freeze":
+        per_layer = s.layer_linear_params() + 2 * s.hidden
+        return Trainable(base_params=freeze_layers * per_layer, lora_inputs=tuple(lin), full_layers=freeze_layers,
+                         grad_layers=freeze_layers)
+    if method == "ia3":  # peft's Llama defaults: k_proj, v_proj outputs, down_proj input
+        return Trainable(adapter_params=L * (2 * s.kv_width + s.intermediate), grad_layers=L,
+                         extra_per_token=compute_bytes * (2 * s.kv_width + s.intermediate))
+    if method == "bitfit":
+        return Trainable(adapter_params=L * sum(lin[t][1] for t in targets), grad_layers=L)
+    if method == "adapter":  # houlsby: after attention and after the MLP
+        return Trainable(adapter_params=L * 2 * (2 * s.hidden * bottleneck + bottleneck + s.hidden), grad_layers=L)
+    if method == "prompt":
+        return Trainable(adapter_params=virtual_tokens * s.hidden, grad_layers=L)
+    if method == "ptuning":  # embeddings + peft's MLP encoder (h -> h -> h -> h)
+        return Trainable(adapter_params=virtual_tokens * s.hidden + 3 * (s.hidden**2 + s.hidden), grad_layers=L)
+    if method == "prefix":
+        return Trainable(adapter_params=virtual_tokens * L * 2 * s.kv_width, grad_layers=L)
+    raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
+
+
+def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_len: int, c: int, device: str,
+                      full: bool) -> int:
+    """Bytes one decoder layer saves for backward. c: compute dtype bytes (2 bf16, 4 fp32).
+
+    Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h); RoPE's cos and sin
+    (2 x c x d); the MLP's gate output, its activation and the up output (3 x c x i; 2 without a gate). On CPU
+    tunekit's attention (attention.py) multiplies grouped heads by broadcasting, which materialises the keys and
+    values once per query head: the rotated query, keys and values are kept at the query width (3 x c x a*d), and
+    the probabilities of each sequence in fp32 and in the compute dtype (a x L^2 x (4 + c); in fp32 the cast is a
+    no-op). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
+    A trained weight (LoRA's A, or the weight itself) keeps its layer's input: under bf16 autocast every linear
+    reading the fp32 norm output casts it anew (c x h per such linear); in fp32 they share the norm output (4h
+    per block); o_proj and down_proj read compute-dtype tensors (c x a*d, c x i). LoRA adds A's output (c x r).
+    Full training also keeps both norm outputs (2 x 4h) for the norm weights. `tr.extra_per_token` adds what
+    other methods keep (IA3: the scaled k, v outputs and the down_proj input).
+    """
+    h, i, q, kv, d = s.hidden, s.intermediate, s.q_width, s.kv_width, s.head_dim
+    n_mlp_out = 3 if s.gated_mlp else 2
+    per_token = 2 * 4 * h + 2 * c * d + n_mlp_out * c * i + tr.extra_per_token
+    if device == "cpu":
+        per_token += 3 * c * q
+        quadratic = seqs * s.heads * seq_len**2 * (4 + (c if c == 2 else 0))
+    else:
+        per_token += c * (2 * q + 2 * kv) + 4 * s.heads
+        quadratic = 0
+    inputs = tr.lora_inputs
+    if inputs:
+        reads_norm = [t for t in inputs if t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+        if c == 2:
+            per_token += c * h * len(reads_norm)
+        else:
+            per_token += 4 * h * len({t in ATTENTION for t in reads_norm})  # one shared norm output per block
+        if "o_proj" in inputs and device == "cpu":  # on CUDA SDPA's output is already counted
+            per_token += c * q
+        if "down_proj" in inputs:
+            per_token += c * i
+        per_token += c * tr.lora_rank * len(inputs)
+    if full:
+        per_token += 2 * 4 * h
+    return tokens * per_token + quadratic
+
+
+def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, batch: int = 8, rank: int = 16,
+         target: str = "all-linear", precision: str = "bf16", device: str = "cpu", label_fraction: float = 0.5,
+         virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1) -> MemoryPlan:
+    """Predicted peak memory of `tunekit train` for this model and method (see the module docstring)."""
+    if method not in PLAN_METHODS:
+        raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
+    if precision not in ("bf16", "fp32"):
+        raise PlanError(f"precision {precision!r}: choose bf16 or fp32")
+    if device not in ("cpu", "cuda"):
+        raise PlanError(f"device {device!r}: choose cpu or cuda")
+    if target not in TARGETS:
+        raise PlanError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+    for name, v in (("seq_len", seq_len), ("batch", batch), ("rank", rank), ("virtual_tokens", virtual_tokens),
+                    ("bottleneck", bottleneck), ("freeze_layers", freeze_layers)):
+        if not isinstance(v, int) or v < 1:
+            raise PlanError(f"{name} must be a positive integer, got {v!r}")
+    if not 0 < label_fraction <= 1:
+        raise PlanError(f"label_fraction {label_fraction!r}: the share of tokens with a loss, in (0, 1]")
+    s = load_shape(model)
+    if freeze_layers > s.layers:
+        raise PlanError(f"freeze_layers {freeze_layers}: the model has {s.layers} layers")
+    c = 2 if precision == "bf16" else 4
+    tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers, c)
+    n_trainable = tr.adapter_params + tr.base_params
+    notes: list[str] = []
+
+    # --- weights ------------------------------------------------------------------------------------------------
+    embed = s.vocab * s.hidden
+    norms = (2 * s.layers + 1) * s.hidden
+    linear = s.layers * s.layer_linear_params()
+    trained_linear = linear if method == "full" else tr.base_params  # freeze: its layers stay fp32
+    frozen_linear = linear - min(trained_linear, linear)
+    frozen_bytes = (frozen_linear * QLORA_BITS / 8 if method == "qlora" else frozen_linear * (c if c == 2 else 4))
+    head = 0 if s.tied else embed * (4 if method == "full" or c == 4 else 2)  # an untied frozen head is cast too
+    weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
+    if c == 2 and (s.tied or method == "full"):
+        weights += 2 * embed  # the loss's cached bf16 copy of the fp32 head (engine/loss.py _compute_weight)
+    if method == "dora":
+        notes.append("dora: each forward also builds W + BA per adapted layer for the weight norm (one layer at a "
+                     "time, not counted)")
+    if method == "qlora":
+        notes.append(f"qlora: linear layers at {QLORA_BITS:.3f} bits per weight (NF4, block 64, double quant)")
+
+    # --- trainable state ----------------------------------------------------------------------------------------
+    adapter = 4 * tr.adapter_params
+    gradients = 4 * n_trainable
+    optimizer = 8 * n_trainable
+
+    # --- activations --------------------------------------------------------------------------------------------
+    prompt_like = method in ("prefix", "prompt", "ptuning")
+    width = seq_len + (virtual_tokens if method in ("prompt", "ptuning") else 0)
+    tokens = batch * width
+    if prompt_like:
+        notes.append(f"{method} trains on padded batches (no packing): {batch} rows of ~{width} tokens")
+    full_layers = min(tr.full_layers, tr.grad_layers)
+    saved = Trainable(lora_inputs=tr.lora_inputs, lora_rank=tr.lora_rank, extra_per_token=tr.extra_per_token)
+    plain = saved if method in ("lora", "qlora", "dora") else Trainable(extra_per_token=tr.extra_per_token)
+    acts = (full_layers * layer_saved_bytes(s, saved, tokens, batch, width, c, device, full=True)
+            + (tr.grad_layers - full_layers) * layer_saved_bytes(s, plain, tokens, batch, width, c, device, full=False))
+    if c == 2:  # autocast's bf16 copies of trained fp32 matmul weights, kept for backward
+        acts += 2 * (linear + (0 if s.tied else embed) if method == "full" else n_trainable)
+    labels = int(tokens * label_fraction)
+    acts += 4 * s.hidden * (tokens + labels)  # the final norm's input, the loss's fp32 (N_labels, h) gradient
+    if method == "full":
+        acts += 4 * s.hidden * tokens  # the final norm's output, for its trained weight
+    if method not in ("full", "prompt", "ptuning"):
+        acts -= 4 * s.hidden * tokens  # the embedding output needs no gradient: layer 0 keeps no copy of it
+    acts += min(labels * s.vocab * 4, LOSS_CHUNK_BYTES) * (1 + 2 * c / 4)  # one logits chunk, fp32 + two copies
+    if method == "full":
+        acts += 4 * embed  # the head's gradient is made in the loss's forward pass
+    if device == "cpu":
+        overhead = CPU_OVERHEAD
+        allocator = max(0, int((CPU_HEAP_FACTOR - 1) * acts) - gradients - optimizer)
+    else:
+        overhead = 0  # the CUDA context (~0.5 GiB) is outside torch.cuda.max_memory_allocated
+        allocator = int(CUDA_OVERHEAD_FRACTION * (weights + acts))
+    return MemoryPlan(model=s.name, method=method, device=device, precision=precision, tokens_per_micro_batch=tokens,
+                      trainable_params=n_trainable, total_params=s.total_params() + tr.adapter_params,
+                      weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
+                      activations=int(acts), allocator=allocator, overhead=overhead, notes=notes)
+
+
+def free_memory_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation can get now: MemAvailable on Linux, free CUDA memory; None when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, precision: str = "bf16") -> MemoryPlan:
+    """The plan of a training Config on data with `mean_length` tokens per example (the loop's own numbers)."""
+    from .models import resolve_model_path
+
+    m = cfg.method
+    method = "dora" if m.name == "lora" and getattr(m, "dora", False) else m.name
+    target = getattr(m, "target_modules", "all-linear")
+    layers = load_shape(resolve_model_path(cfg.model.name)).layers
+    freeze_layers = layers if m.name == "full" else 1
+    if m.name == "freeze":  # layer selections like layers.28-29 count their layers; anything else counts as one
+        import re
+
+        spans = [re.search(r"(-?\d+)(?:-(\d+))?", t) for t in m.trainable]
+        freeze_layers = max(1, sum(int(x[2]) - int(x[1]) + 1 if x and x[2] else 1 for x in spans))
+    return plan(resolve_model_path(cfg.model.name), method=method, seq_len=max(1, round(mean_length)),
+                batch=cfg.train.batch_size, rank=getattr(m, "r", 16),
+                target=target if isinstance(target, str) else "all-linear",
+                precision=precision, device=device,
+                label_fraction=min(1.0, max(label_fraction, 1e-3)),
+                virtual_tokens=getattr(m, "num_virtual_tokens", 20), bottleneck=getattr(m, "bottleneck", 64),
+                freeze_layers=min(freeze_layers, layers))
+
+
+def warn_if_over_free_memory(cfg, stats, device, precision: str) -> str | None:
+    """One warning line when the plan of this run exceeds the free memory of `device` (None if it fits or the
+    plan cannot be made, e.g. for a hub model not downloaded yet)."""
+    if not stats.n_train or not stats.total_tokens:
+        return None
+    try:
+        p = plan_for_run(cfg, stats.total_tokens / max(stats.n_train + stats.n_val, 1),
+                         stats.label_tokens / stats.total_tokens, "cuda" if device.type == "cuda" else "cpu",
+                         precision if precision in ("bf16", "fp32") else "fp32")
+    except (PlanError, OSError, ValueError):
+        return None
+    free = free_memory_bytes(str(device))
+    if free is None or p.total <= free:
+        return None
+    return (f"[tunekit] warning: the memory plan of this run is {p.total / GiB:.2f} GiB but only {free / GiB:.2f} "
+            f"GiB is free on {device}; lower train.batch_size or data.max_length, or use qlora (tunekit plan "
+            f"shows the terms; train.plan_check false silences this)")

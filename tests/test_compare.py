@@ -1,0 +1,31 @@
+"""`tunekit compare` on the tiny model: two methods, two steps, the table files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunekit.bench.compare import COLUMNS, method_overrides, run_compare
+
+
+def test_compare_two_methods_two_steps(tmp_path, tiny_model_dir):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "compare"
+    rows = run_compare(methods=["lora", "ia3"], model=str(tiny_model_dir), steps=2, n_train=12, n_test=2,
+                       batch_size=2, device="cpu", out=str(out), isolate=False, max_new_tokens=4,
+                       overrides={"train.threads": 1, "train.precision": "fp32", "data.val_fraction": 0.25})
+    assert [r["method"] for r in rows] == ["lora", "ia3"]
+    for r in rows:
+        assert set(COLUMNS) <= set(r)
+        assert 0 < r["trainable %"] < 1 and r["peak GiB"] > 0 and r["tokens/s"] > 0
+        assert r["eval_loss"] is not None and 0 <= r["exact_match"] <= 1
+    md = (out / "compare.md").read_text()
+    assert "| lora |" in md and "| ia3 |" in md and "2 steps" in md
+    assert json.loads((out / "compare.json").read_text())["rows"][1]["method"] == "ia3"
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_compare_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="unknown method 'lorax' for compare; choose from: lora"):
+        method_overrides("lorax")
