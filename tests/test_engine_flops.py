@@ -67,3 +67,14 @@ def test_run_reports_mfu_and_energy_in_result_and_run_card(make_config, tmp_path
         assert saved["energy"]["kwh"] > 0
         assert saved["energy"]["source"].split(" ")[0] in ("measured", "estimated")
         assert "Wh" in card and "CO2e" in card
+
+
+def test_cached_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
+    import tunekit.engine.flops as flops
+
+    readings = iter([2e11, 1e11, 3e11])  # a busy CPU can only measure low
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: next(readings))
+    cpu = torch.device("cpu")
+    assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 2e11
+    assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 2e11
+    assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 3e11

@@ -1,0 +1,47 @@
+"""The training benchmark end to end on the tiny model: every runner in its own process, one shared scorer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tunekit.bench.train_bench import format_markdown, main, throughput
+
+
+def test_throughput_leaves_out_warmup_steps():
+    result = {"step_times": [10.0, 1.0, 2.0], "step_tokens": [100, 100, 300]}
+    t = throughput(result, warmup=1)
+    assert t["tokens_per_s"] == pytest.approx(400 / 3)
+    assert t["median_step_tokens_per_s"] == pytest.approx(125.0)
+    assert t["tokens_seen"] == 500 and t["timed_steps"] == 2
+
+
+def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_model_dir, tmp_path):
+    peers = ["trainer", "tunekit"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    rows = main(["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
+                 "--threads", "1", "--only", *peers, "--out", str(tmp_path)])
+    assert sorted(r["runner"] for r in rows) == sorted(peers)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    for row in saved["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 2**20
+        assert row["eval_loss"] == row["eval_loss"]  # scored (not NaN) by the shared eval
+        assert row["speed_ratio"] > 0 and 0 < row["mfu_bf16"] < 1
+    trainer = next(r for r in saved["rows"] if r["runner"] == "trainer")
+    tunekit = next(r for r in saved["rows"] if r["runner"] == "tunekit")
+    assert trainer["speed_ratio"] == 1.0
+    assert trainer["tokens_seen"] == tunekit["tokens_seen"]  # same examples per step, same steps
+    assert saved["meta"]["base_eval_loss"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "x Trainer" in table and "F/token" in table
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_markdown_table_has_a_row_per_run():
+    meta = {"peak": {"fp32": 1e11, "bf16": 3e11}, "formula": "F", "flops_per_token": 5e8, "mean_len": 100.0,
+            "label_fraction": 0.25, "base_eval_loss": 1.0, "warmup": 2}
+    rows = [{"name": n, "tokens_per_s": 100.0, "speed_ratio": 1.0, "peak_rss_bytes": 2**30, "memory_ratio": 1.0,
+             "eval_loss": 0.5, "mfu_bf16": 0.1, "tokens_seen": 1000} for n in ("a", "b")]
+    lines = format_markdown(rows, meta).splitlines()
+    assert lines[2].startswith("| a |") and lines[3].startswith("| b |")
