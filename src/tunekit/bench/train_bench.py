@@ -24,13 +24,13 @@ from pathlib import Path
 PEERS = ["trainer", "trl", "tunekit"]
 # Leave-one-out ablation: each variant turns one optimisation of the full engine off.
 ABLATIONS = {
-    "tunekit -packing (padded batches)": {"overrides": {"data.packing": False}},
-    "tunekit -label-only logits": {"full_logits": True},
-    "tunekit -bf16 (fp32)": {"overrides": {"train.precision": "fp32"}},
-    "tunekit -per-sequence attention (sdpa mask)": {"overrides": {"model.attn_implementation": "sdpa"}},
-    "tunekit -fused AdamW": {"unfused_adamw": True},
-    "tunekit -malloc tuning (glibc default)": {"env": {"TUNEKIT_MALLOC_TUNING": "0"}},
-    "tunekit +torch.compile": {"overrides": {"train.compile": "on"}},
+    "packing": ("tunekit -packing (padded batches)", {"overrides": {"data.packing": False}}),
+    "label-only": ("tunekit -label-only logits", {"full_logits": True}),
+    "bf16": ("tunekit -bf16 (fp32)", {"overrides": {"train.precision": "fp32"}}),
+    "attention": ("tunekit -per-sequence attention (sdpa mask)", {"overrides": {"model.attn_implementation": "sdpa"}}),
+    "fused-adamw": ("tunekit -fused AdamW", {"unfused_adamw": True}),
+    "malloc": ("tunekit +malloc tuning (keep freed memory)", {"env": {"TUNEKIT_MALLOC_TUNING": "1"}}),
+    "compile": ("tunekit +torch.compile", {"overrides": {"train.compile": "on"}}),
 }
 LABELS = {"trainer": "Trainer + peft (fp32, padded)", "trl": "TRL SFTTrainer (bf16, packing)", "tunekit": "tunekit"}
 
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=600, help="Training examples generated (default 600).")
     p.add_argument("--n-test", type=int, default=100, help="Held-out examples for the eval loss (default 100).")
     p.add_argument("--only", nargs="+", choices=PEERS, help="Run only these tools.")
-    p.add_argument("--ablations", action="store_true", help="Also run the leave-one-out ablations of tunekit.")
+    p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
+                   help="Also run leave-one-out ablations of tunekit (all when given without names).")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's).")
     p.add_argument("--out", default="runs/bench", help="Output folder (default runs/bench).")
     return p.parse_args(argv)
@@ -166,8 +167,9 @@ def main(argv=None) -> list[dict]:
     print(f"[bench] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
           flush=True)
     runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
-    if args.ablations:
-        runs += [(name, dict(base, runner="tunekit", variant=v)) for name, v in ABLATIONS.items()]
+    if args.ablations is not None:
+        runs += [(ABLATIONS[k][0], dict(base, runner="tunekit", variant=ABLATIONS[k][1]))
+                 for k in (args.ablations or ABLATIONS)]
     rows = []
     for i, (name, spec) in enumerate(runs):
         print(f"[bench] {i + 1}/{len(runs)} {name} ...", flush=True)
