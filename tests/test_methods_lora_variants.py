@@ -99,7 +99,7 @@ def test_lora_variant_save_load_peft_and_merge_agree(tiny_model_dir, ids, tmp_pa
     torch.testing.assert_close(model_logits(peft, ids), expected, rtol=0, atol=atol)
     merged = method.merge(loaded)
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(model_logits(merged, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model_logits(merged, ids), expected, rtol=0, atol=5e-5)  # fp32 rounding of W + BA; 1.2e-5 seen
     assert float((expected - model_logits(base(tiny_model_dir), ids)).abs().max()) > 1e-3  # the adapter matters
 
 
