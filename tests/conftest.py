@@ -154,3 +154,11 @@ def full_run(tmp_path_factory, make_config) -> Path:
     with torch_globals_preserved():
         train(make_config(out, {"method.name": "full", "train.max_steps": 6, "train.save_every": 3}))
     return out
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer):
+    """(2, T): one chat-formatted invoice prompt and its reversal, two different rows for logit comparisons."""
+    text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
+    row = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return torch.cat([row, row.flip(1)], 0)

@@ -27,13 +27,6 @@ def in_out() -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return torch.cat([ids, ids.flip(1)], 0)  # (2, T): two different rows
-
-
 def logits(model, ids) -> torch.Tensor:
     model.eval()
     with torch.no_grad():

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def ids(tokenizer):
-    text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
-    row = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return torch.cat([row, row.flip(1)], 0)  # (2, T)
-
-
 def lora_count(r: int, names=ATTENTION + MLP, ranks: dict[str, int] | None = None) -> int:
     """Each adapted layer adds A (r x in) and B (out x r); `ranks` overrides r per leaf name."""
     return L * sum((ranks or {}).get(n, r) * sum(in_out()[n]) for n in names)
@@ -42,18 +35,18 @@ BASE_REBUILDING_INITS = [{"init": "pissa"}, {"init": "pissa_niter_4"}, {"init": 
 
 
 @pytest.mark.parametrize("options", EXACT_INITS, ids=str)
-def test_fresh_lora_variant_reproduces_the_base_logits_exactly(tiny_model_dir, ids, options):
-    expected = model_logits(base(tiny_model_dir), ids)
+def test_fresh_lora_variant_reproduces_the_base_logits_exactly(tiny_model_dir, prompt_ids, options):
+    expected = model_logits(base(tiny_model_dir), prompt_ids)
     method = build_method(LoraMethod(r=4, **options))
-    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), ids), expected)
+    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), prompt_ids), expected)
 
 
 @pytest.mark.parametrize("options", BASE_REBUILDING_INITS, ids=str)
-def test_pissa_olora_orthogonal_start_at_the_base_logits_within_fp32(tiny_model_dir, ids, options):
-    expected = model_logits(base(tiny_model_dir), ids)
+def test_pissa_olora_orthogonal_start_at_the_base_logits_within_fp32(tiny_model_dir, prompt_ids, options):
+    expected = model_logits(base(tiny_model_dir), prompt_ids)
     method = build_method(LoraMethod(r=4, **options))
     model = method.apply(base(tiny_model_dir))
-    got = method_logits(method, model, ids)
+    got = method_logits(method, model, prompt_ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     if options["init"] != "orthogonal":  # the base weights really were rewritten
         q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
@@ -83,24 +76,24 @@ def test_rslora_and_alpha_pattern_set_the_scaling(tiny_model_dir):
 
 
 @pytest.mark.parametrize("options", EXACT_INITS + BASE_REBUILDING_INITS, ids=str)
-def test_lora_variant_save_load_peft_and_merge_agree(tiny_model_dir, ids, tmp_path, options):
+def test_lora_variant_save_load_peft_and_merge_agree(tiny_model_dir, prompt_ids, tmp_path, options):
     from peft import PeftModel
 
     method = build_method(LoraMethod(r=4, **options))
     model = method.apply(base(tiny_model_dir))
     perturb_trainable_(model)
-    expected = method_logits(method, model, ids)
+    expected = method_logits(method, model, prompt_ids)
     method.save(model, tmp_path)
     # PiSSA/OLoRA adapters are saved converted to plain LoRA (rank 2r) on the *original* base: fp32 tolerance.
     atol = 1e-5 if "init" in options and options["init"] != "gaussian" else 0
     loaded = build_method(LoraMethod(r=4, **options)).load(base(tiny_model_dir), tmp_path)
-    torch.testing.assert_close(method_logits(method, loaded, ids), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(method_logits(method, loaded, prompt_ids), expected, rtol=0, atol=atol)
     peft = PeftModel.from_pretrained(base(tiny_model_dir), str(tmp_path))
-    torch.testing.assert_close(model_logits(peft, ids), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(model_logits(peft, prompt_ids), expected, rtol=0, atol=atol)
     merged = method.merge(loaded)
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(model_logits(merged, ids), expected, rtol=0, atol=5e-5)  # fp32 rounding of W + BA; 1.2e-5 seen
-    assert float((expected - model_logits(base(tiny_model_dir), ids)).abs().max()) > 1e-3  # the adapter matters
+    torch.testing.assert_close(model_logits(merged, prompt_ids), expected, rtol=0, atol=5e-5)  # fp32 rounding of W + BA; 1.2e-5 seen
+    assert float((expected - model_logits(base(tiny_model_dir), prompt_ids)).abs().max()) > 1e-3  # the adapter matters
 
 
 def test_pissa_adapter_is_saved_as_plain_lora_of_twice_the_rank(tiny_model_dir, tmp_path):
@@ -116,15 +109,15 @@ def test_pissa_adapter_is_saved_as_plain_lora_of_twice_the_rank(tiny_model_dir, 
 
 @pytest.mark.parametrize("options", [{"dora": True}, {"init": "pissa"},
                                      {"rslora": True, "rank_pattern": {"q_proj": 2}}], ids=str)
-def test_lora_variant_training_lowers_the_eval_loss(tmp_path, make_config, tiny_model_dir, ids, options):
+def test_lora_variant_training_lowers_the_eval_loss(tmp_path, make_config, tiny_model_dir, prompt_ids, options):
     overrides = {"method.name": "lora", "method.r": 4, **{f"method.{k}": v for k, v in options.items()}}
     result = train(make_config(tmp_path / "run", overrides))
     assert result.eval_loss_after < result.eval_loss_before
     # The run folder (PiSSA: converted adapter) reproduces the in-memory model of the last step.
     method = build_method(LoraMethod(r=4, **options))
-    expected = method_logits(method, rebuild_from_checkpoint(method, tiny_model_dir, tmp_path / "run", STEPS), ids)
+    expected = method_logits(method, rebuild_from_checkpoint(method, tiny_model_dir, tmp_path / "run", STEPS), prompt_ids)
     loaded = method.load(base(tiny_model_dir), tmp_path / "run")
-    torch.testing.assert_close(method_logits(method, loaded, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(method_logits(method, loaded, prompt_ids), expected, rtol=0, atol=1e-5)
 
 
 def test_rank_above_a_layers_size_names_the_layer_and_the_limit(tiny_model_dir):
@@ -242,20 +235,20 @@ def test_qlora_forward_and_backward_match_the_dequantized_layer(bnb, tiny_model_
     assert dequantize_linears_(model) == L * 7
 
 
-def test_fresh_qlora_reproduces_the_quantized_base_exactly(bnb, tiny_model_dir, ids):
+def test_fresh_qlora_reproduces_the_quantized_base_exactly(bnb, tiny_model_dir, prompt_ids):
     from tunekit.methods.qlora import quantize_linears_
 
     quantized = base(tiny_model_dir)
     quantize_linears_(quantized, qlora())
     method = build_method(qlora())
-    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), ids), model_logits(quantized, ids))
+    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), prompt_ids), model_logits(quantized, prompt_ids))
 
 
-def test_qlora_bf16_compute_runs_close_to_fp32(bnb, tiny_model_dir, ids):
+def test_qlora_bf16_compute_runs_close_to_fp32(bnb, tiny_model_dir, prompt_ids):
     fp32 = build_method(qlora())
     bf16 = build_method(QLoraMethod(r=4, compute_dtype="bfloat16"))
-    a = method_logits(fp32, fp32.apply(base(tiny_model_dir)), ids)
-    b = method_logits(bf16, bf16.apply(base(tiny_model_dir)), ids)
+    a = method_logits(fp32, fp32.apply(base(tiny_model_dir)), prompt_ids)
+    b = method_logits(bf16, bf16.apply(base(tiny_model_dir)), prompt_ids)
     assert b.dtype == torch.float32 and 0 < float((a - b).abs().max()) < 0.05
 
 
@@ -276,24 +269,24 @@ def test_qlora_training_lowers_the_eval_loss_and_reports_on_the_card(qlora_run):
     assert "| Bits per quantized weight | 4.137 |" in card and "MiB before quantization" in card
 
 
-def test_qlora_adapter_loads_in_peft_on_a_quantized_base(bnb, qlora_run, tiny_model_dir, ids):
+def test_qlora_adapter_loads_in_peft_on_a_quantized_base(bnb, qlora_run, tiny_model_dir, prompt_ids):
     from peft import PeftModel
 
     from tunekit.methods.qlora import quantize_linears_
 
     _, out = qlora_run
     method = build_method(qlora())
-    expected = method_logits(method, rebuild_from_checkpoint(method, tiny_model_dir, out, STEPS), ids)
+    expected = method_logits(method, rebuild_from_checkpoint(method, tiny_model_dir, out, STEPS), prompt_ids)
     quantized = base(tiny_model_dir)
     quantize_linears_(quantized, qlora())
-    torch.testing.assert_close(model_logits(PeftModel.from_pretrained(quantized, str(out)), ids), expected,
+    torch.testing.assert_close(model_logits(PeftModel.from_pretrained(quantized, str(out)), prompt_ids), expected,
                                rtol=0, atol=1e-5)
     loaded = build_method(qlora()).load(base(tiny_model_dir), out)
-    torch.testing.assert_close(method_logits(method, loaded, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(method_logits(method, loaded, prompt_ids), expected, rtol=0, atol=1e-5)
     # Merge: dequantized base + adapter as one plain fp32 model.
     merged = build_method(qlora()).merge(loaded)
     assert not any(type(m) is bnb.nn.Linear4bit for m in merged.modules())
-    torch.testing.assert_close(model_logits(merged, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model_logits(merged, prompt_ids), expected, rtol=0, atol=1e-5)
 
 
 def test_qlora_rejects_inits_that_rewrite_the_base(bnb, tiny_model_dir):
@@ -307,12 +300,12 @@ def test_qlora_on_the_real_model_stores_4_127_bits_per_weight(bnb, tokenizer):
     from tunekit.models import load_model
 
     text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prompt_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     plain = load_model("smollm2-135m")
-    reference = float(model_logits(plain, ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+    reference = float(model_logits(plain, prompt_ids).log_softmax(-1)[0, :-1].gather(-1, prompt_ids[0, 1:, None]).mean())
     method = build_method(qlora())
     model = method.apply(plain)
     assert method.stats["bits_per_weight"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=2e-4)
     assert method.memory_after < 0.32 * method.memory_before  # ~513 MiB -> ~161 MiB
-    quantized = float(method_logits(method, model, ids).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).mean())
+    quantized = float(method_logits(method, model, prompt_ids).log_softmax(-1)[0, :-1].gather(-1, prompt_ids[0, 1:, None]).mean())
     assert abs(quantized - reference) < 0.1 * abs(reference)  # NF4 keeps the model close to itself

@@ -21,13 +21,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def ids(tokenizer):
-    text = "<|im_start|>user\nInvoice INV-2024-0042 from Northwind Foods, total EUR 1,234.50.<|im_end|>\n"
-    row = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    return torch.cat([row, row.flip(1)], 0)  # (2, T)
-
-
 def adapter_count(bottleneck: int, sites: int) -> int:
     return sites * (H * bottleneck + bottleneck + bottleneck * H + H)  # down (W, b) + up (W, b)
 
@@ -71,27 +64,27 @@ def test_trainable_parameters_closed_form(tiny_model_dir, key):
 
 
 @pytest.mark.parametrize("key", CONFIGS)
-def test_fresh_method_reproduces_the_base_logits_exactly(tiny_model_dir, ids, key):
+def test_fresh_method_reproduces_the_base_logits_exactly(tiny_model_dir, prompt_ids, key):
     # Adapters: up-projection zero; BitFit: zero biases added; freeze: nothing added.
     method = build_method(CONFIGS[key])
-    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), ids),
-                       model_logits(base(tiny_model_dir), ids))
+    assert torch.equal(method_logits(method, method.apply(base(tiny_model_dir)), prompt_ids),
+                       model_logits(base(tiny_model_dir), prompt_ids))
 
 
 @pytest.mark.parametrize("key", CONFIGS)
-def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, ids, tmp_path, key):
+def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, prompt_ids, tmp_path, key):
     method = build_method(CONFIGS[key])
     model = method.apply(base(tiny_model_dir))
     perturb_trainable_(model)
-    expected = method_logits(method, model, ids)
-    assert float((expected - model_logits(base(tiny_model_dir), ids)).abs().max()) > 1e-3
+    expected = method_logits(method, model, prompt_ids)
+    assert float((expected - model_logits(base(tiny_model_dir), prompt_ids)).abs().max()) > 1e-3
     method.save(model, tmp_path)
     meta = json.loads((tmp_path / METHOD_FILE).read_text())
     assert (meta["format"], meta["version"], meta["method"]) == ("tunekit", 1, CONFIGS[key].model_dump(mode="json"))
     # Rebuilt from the folder alone (the JSON names the method and its options).
     assert type(saved_method(tmp_path)) is type(method)
     loaded = load_saved_method(base(tiny_model_dir), tmp_path)
-    assert torch.equal(model_logits(loaded, ids), expected)
+    assert torch.equal(model_logits(loaded, prompt_ids), expected)
 
 
 def test_adapter_file_layout(tiny_model_dir, tmp_path):
@@ -115,7 +108,7 @@ RUNS = {"adapter": {"method.name": "adapter", "method.bottleneck": 8},
 
 
 @pytest.mark.parametrize("key", RUNS)
-def test_training_lowers_the_eval_loss_and_the_run_folder_loads(tmp_path, make_config, tiny_model_dir, ids, key):
+def test_training_lowers_the_eval_loss_and_the_run_folder_loads(tmp_path, make_config, tiny_model_dir, prompt_ids, key):
     from tunekit.inference import load_for_inference
 
     cfg = make_config(tmp_path / "run", RUNS[key])
@@ -124,11 +117,11 @@ def test_training_lowers_the_eval_loss_and_the_run_folder_loads(tmp_path, make_c
     assert result.eval_loss_after < result.eval_loss_before
     method = build_method(cfg.method)
     in_memory = rebuild_from_checkpoint(method, tiny_model_dir, tmp_path / "run", STEPS)
-    expected = method_logits(method, in_memory, ids)
+    expected = method_logits(method, in_memory, prompt_ids)
     loaded = build_method(cfg.method).load(base(tiny_model_dir), tmp_path / "run")
-    assert torch.equal(method_logits(method, loaded, ids), expected)
+    assert torch.equal(method_logits(method, loaded, prompt_ids), expected)
     model, _ = load_for_inference(str(tiny_model_dir), adapter=str(tmp_path / "run"), device="cpu", dtype="float32")
-    assert torch.equal(model_logits(model, ids), expected)
+    assert torch.equal(model_logits(model, prompt_ids), expected)
     # Only the trained tensors changed; the frozen base is untouched.
     before = dict(base(tiny_model_dir).named_parameters())
     frozen = {n for n, p in in_memory.named_parameters() if not p.requires_grad}
@@ -138,17 +131,17 @@ def test_training_lowers_the_eval_loss_and_the_run_folder_loads(tmp_path, make_c
 
 
 @pytest.mark.parametrize("key", ["bitfit", "bitfit-attention", "freeze-patterns", "freeze-embeddings"])
-def test_merge_equals_base_plus_the_trained_tensors(tiny_model_dir, ids, key):
+def test_merge_equals_base_plus_the_trained_tensors(tiny_model_dir, prompt_ids, key):
     method = build_method(CONFIGS[key])
     model = method.apply(base(tiny_model_dir))
     perturb_trainable_(model)
-    expected = method_logits(method, model, ids)
+    expected = method_logits(method, model, prompt_ids)
     merged = method.merge(model)
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    torch.testing.assert_close(model_logits(merged, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model_logits(merged, prompt_ids), expected, rtol=0, atol=1e-5)
 
 
-def test_merged_bitfit_model_saves_and_reloads_with_transformers(tiny_model_dir, ids, tmp_path):
+def test_merged_bitfit_model_saves_and_reloads_with_transformers(tiny_model_dir, prompt_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
     method = build_method(BitFitMethod())
@@ -159,7 +152,7 @@ def test_merged_bitfit_model_saves_and_reloads_with_transformers(tiny_model_dir,
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert reloaded.model.layers[1].mlp.down_proj.bias is not None
-    torch.testing.assert_close(model_logits(reloaded, ids), method_logits(method, model, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model_logits(reloaded, prompt_ids), method_logits(method, model, prompt_ids), rtol=0, atol=1e-5)
 
 
 def test_adapters_cannot_merge(tiny_model_dir):

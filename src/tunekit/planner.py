@@ -368,14 +368,9 @@ def free_memory_bytes(device: str = "cpu") -> int | None:
         import torch
 
         return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from .engine.device import proc_kib_field
+
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, precision: str = "bf16") -> MemoryPlan:

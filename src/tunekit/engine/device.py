@@ -97,16 +97,24 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A `Key:   N kB` line of a Linux /proc file, in bytes; None when the file or the key is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated GPU memory on CUDA, else the process's peak RSS since the last reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_kib_field("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024)

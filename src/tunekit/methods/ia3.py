@@ -17,8 +17,7 @@ from .targets import MLP_PARENTS, in_group, resolve_targets, targeted_linears
 class IA3(PeftMethod):
     name = "ia3"
 
-    def __init__(self, cfg: IA3Method):
-        super().__init__(cfg)
+    cfg: IA3Method  # set by the base class's __init__
 
     def feedforward_modules(self, model: nn.Module, targets: list[str]) -> list[str]:
         if self.cfg.feedforward_modules is None:

@@ -14,8 +14,7 @@ from .prompt_learning import PromptLearning
 class PrefixTuning(PromptLearning):
     name = "prefix"
 
-    def __init__(self, cfg: PrefixMethod):
-        super().__init__(cfg)
+    cfg: PrefixMethod  # set by the base class's __init__
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig

@@ -19,8 +19,7 @@ PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 class PromptTuning(VirtualTokenInputs):
     name = "prompt"
 
-    def __init__(self, cfg: PromptMethod):
-        super().__init__(cfg)
+    cfg: PromptMethod  # set by the base class's __init__
 
     def peft_config(self, model: nn.Module):
         from peft import PromptTuningConfig

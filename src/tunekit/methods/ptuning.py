@@ -14,8 +14,7 @@ from .prompt_learning import VirtualTokenInputs
 class PTuning(VirtualTokenInputs):
     name = "ptuning"
 
-    def __init__(self, cfg: PTuningMethod):
-        super().__init__(cfg)
+    cfg: PTuningMethod  # set by the base class's __init__
 
     def peft_config(self, model: nn.Module):
         from peft import PromptEncoderConfig
