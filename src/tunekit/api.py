@@ -13,18 +13,37 @@ from typing import Any
 from .config import Config, flatten_dotted, load_config
 
 
+def _config(config: Config | str | Path | dict | None, overrides: dict[str, Any]) -> Config:
+    if isinstance(config, Config):
+        return config if not overrides else load_config(None, {**flatten_dotted(config.model_dump()), **overrides})
+    if isinstance(config, dict):
+        return load_config(None, {**flatten_dotted(config), **overrides})
+    return load_config(config, overrides)
+
+
 def train(config: Config | str | Path | dict | None = None, **overrides: Any):
     """Fine-tune. `config` is a Config, a YAML path, or a nested dict; `overrides` use dotted keys
     (pass them as `**{"method.r": 8}`). Returns a TrainResult."""
     from .engine import train as run
 
-    if isinstance(config, Config):
-        cfg = config if not overrides else load_config(None, {**flatten_dotted(config.model_dump()), **overrides})
-    elif isinstance(config, dict):
-        cfg = load_config(None, {**flatten_dotted(config), **overrides})
-    else:
-        cfg = load_config(config, overrides)
-    return run(cfg)
+    return run(_config(config, overrides))
+
+
+def distill(config: Config | str | Path | dict | None = None, **overrides: Any):
+    """Distil cfg.distill.teacher into cfg.model (offline, logit or on-policy; see tunekit.distill). Returns a
+    TrainResult."""
+    from .distill import distill as run
+
+    return run(_config(config, overrides))
+
+
+def shrink(model: str, out: str, every: int | None = None, layers: list[int] | None = None,
+           adapter: str | None = None, dtype: str = "float32") -> dict:
+    """A student model folder with a subset of `model`'s decoder layers (+ `adapter` merged first); returns a
+    report with the kept layers and parameter counts."""
+    from .distill.shrink import shrink as run
+
+    return run(model, out, every=every, layers=layers, adapter=adapter, dtype=dtype)
 
 
 def _conversations_from(source: str, system: str | None, from_file: bool) -> list[list[dict]]:

@@ -22,11 +22,11 @@ ALIASES = {"resume": ("train.resume", True), "output": ("train.output_dir", None
            "data": ("data.train", None), "method": ("method.name", None)}
 
 
-def train_help() -> str:
+def train_help(usage: str = TRAIN_USAGE) -> str:
     rows = describe_fields(Config)
     width = max(len(k) for k, _, _ in rows) + 2
     lines = [f"  --{k:<{width}} {desc} [default: {default}]" for k, default, desc in rows]
-    return TRAIN_USAGE + "\n".join(lines) + "\n"
+    return usage + "\n".join(lines) + "\n"
 
 
 def parse_train_argv(argv: list[str]) -> tuple[str | None, dict, bool]:
@@ -58,18 +58,28 @@ def parse_train_argv(argv: list[str]) -> tuple[str | None, dict, bool]:
     return config_path, overrides, print_config
 
 
-def cmd_train(argv: list[str]) -> int:
+DISTILL_USAGE = """usage: tunekit distill --config FILE.yaml [--section.key VALUE ...] [--resume] [--print-config]
+
+Distil a teacher into a student: the run's model is the student, trained with its method (full, lora, ...), and
+the distill section names the teacher and the mode (offline, logit, on-policy). Options as for `tunekit train`;
+the distill.* keys are listed below with the rest.
+
+options:
+"""
+
+
+def cmd_train(argv: list[str], command: str = "train") -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(train_help())
+        print(train_help(TRAIN_USAGE if command == "train" else DISTILL_USAGE))
         return 0
     path, overrides, print_config = parse_train_argv(argv)
     cfg = load_config(path, overrides)
     if print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    from .api import train
+    from .api import distill, train
 
-    result = train(cfg)
+    result = train(cfg) if command == "train" else distill(cfg)
     print(f"run folder: {result.run_dir}  (eval loss {result.eval_loss_before} -> {result.eval_loss_after})")
     return 130 if result.interrupted else 0
 
@@ -88,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune, evaluate and try open LLMs locally.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="fine-tune a model (see `tunekit train --help`)", add_help=False)
+    sub.add_parser("distill", help="distil a teacher into a student: offline, logit KD or on-policy (see "
+                   "`tunekit distill --help`)", add_help=False)
+    sh = sub.add_parser("shrink", help="make a student from a model by keeping a subset of its decoder layers")
+    sh.add_argument("--model", default="smollm2-135m", help="the teacher (alias, folder, .gguf or hub id)")
+    sh.add_argument("--adapter", default=None, help="run folder / PEFT adapter merged into the teacher first")
+    sh.add_argument("--every", type=int, default=None, help="keep round(L/N) layers spread evenly, first and last "
+                    "included (3: a third of the layers)")
+    sh.add_argument("--layers", default=None, help="explicit layer indices to keep, e.g. 0,5,10,-1")
+    sh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sh.add_argument("--out", required=True, help="folder for the student (transformers model + tokenizer)")
     sub.add_parser("bench", help="`tunekit bench train`: training speed vs the Trainer recipe and TRL", add_help=False)
 
     g = sub.add_parser("generate", help="generate a reply for one prompt or a JSONL of conversations")
@@ -169,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if argv and argv[0] == "train":
-            return cmd_train(argv[1:])
+        if argv and argv[0] in ("train", "distill"):
+            return cmd_train(argv[1:], argv[0])
         if argv[:2] == ["bench", "train"]:
             from .bench.train_bench import main as bench_train
 
@@ -222,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             api.compare(methods=args.methods, model=args.model, steps=args.steps, n_train=args.n_train,
                         n_test=args.n_test, batch_size=args.batch_size, device=args.device, out=args.out)
+        elif args.command == "shrink":
+            from .distill.shrink import format_report
+
+            layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+            if args.every is None and layers is None:
+                args.every = 3
+            report = api.shrink(args.model, args.out, every=args.every, layers=layers, adapter=args.adapter,
+                                dtype=args.dtype)
+            print(format_report(report))
+            print(f"student: {args.out}  (use as --model.name {args.out})")
         elif args.command == "demo":
             api.demo(out=args.out, steps=args.steps, n_test=args.n_test)
         else:
@@ -235,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data.errors import DataError
         from .methods import MethodError
         from .models import ModelError
+        from .distill.teacher import DistillError
         from .planner import PlanError
 
-        if isinstance(e, (DataError, MethodError, ModelError, PlanError, FileNotFoundError)):
+        if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

@@ -266,6 +266,41 @@ class TrainConfig(Section):
                                   "kWh to CO2e (codecarbon's table).")
 
 
+class DistillConfig(Section):
+    """Teacher -> student distillation (tunekit distill). The student is `model` trained with `method`."""
+
+    mode: Literal["offline", "logit", "on-policy"] = Field(
+        "logit", description="offline: the teacher writes responses for the training prompts, the student does SFT "
+        "on them; logit: alpha*CE + (1-alpha)*T^2*D(teacher||student) on the label tokens; on-policy: the student "
+        "samples completions and learns the teacher's distribution on exactly those tokens.")
+    teacher: str | None = Field(None, description="Teacher model (alias, folder, .gguf or hub id); needs the "
+                                "student's tokenizer for logit/on-policy.")
+    teacher_adapter: str | None = Field(None, description="Run folder or PEFT adapter attached to the teacher "
+                                        "(merged into its weights once).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the cross-entropy on the gold labels; the KD term "
+                         "gets 1 - alpha (logit mode and the off-policy batches of on-policy mode).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of both models in the KD term "
+                               "(scaled by T^2 so its gradients keep their size).")
+    divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = Field(
+        "auto", description="D: forward KL(teacher||student) (mode covering), reverse KL(student||teacher) (mode "
+        "seeking), or generalized JSD(beta). auto: forward_kl for logit, reverse_kl for on-policy.")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD(beta) = beta*KL(T||M) + (1-beta)*KL(S||M), "
+                        "M = beta*T + (1-beta)*S (Agarwal et al. 2023).")
+    on_policy_fraction: float = Field(1.0, ge=0, le=1, description="on-policy: share of micro-batches the student "
+                                      "samples (lambda in GKD); the rest train on the gold data as in logit mode.")
+    on_policy_loss: Literal["full", "sampled"] = Field(
+        "full", description="on-policy: full = D over the whole vocabulary at each sampled position (GKD); sampled = "
+        "per-token reverse KL log p_s(x) - log p_t(x) of the sampled tokens only, as a policy-gradient "
+        "(on-policy distillation as in Thinking Machines 2025).")
+    sample_temperature: float = Field(1.0, gt=0, description="Temperature of the student's samples (on-policy).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest completion the student (on-policy) or the teacher "
+                                "(offline) generates.")
+    teacher_data: str | None = Field(None, description="offline: JSONL the teacher's responses go to (resumable); "
+                                     "default <output_dir>/teacher_data.jsonl.")
+    generate_batch_size: int = Field(16, ge=1, description="offline: prompts per teacher generation batch.")
+    teacher_temperature: float = Field(0.0, ge=0, description="offline: teacher sampling temperature (0 = greedy).")
+
+
 class Config(Section):
     """Everything one training run needs."""
 
@@ -274,6 +309,7 @@ class Config(Section):
     method: MethodConfig = Field(default_factory=LoraMethod)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig | None = Field(None, description="Distil a teacher into this run's model (tunekit distill).")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -313,6 +349,16 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def section_type(ann: Any) -> type[BaseModel] | None:
+    """The config section class of a field annotation: `X` or `X | None` (an optional section like distill)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    inner = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+    if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+        return inner[0]
+    return None
+
+
 def _section_for(loc: tuple) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
@@ -321,10 +367,9 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
-        ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        model = section_type(field.annotation)
+        if model is None:
             return None
-        model = ann
     return model
 
 
@@ -395,9 +440,9 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += describe_fields(ann, key + ".")
+        section = section_type(field.annotation)
+        if section is not None:
+            rows += describe_fields(section, key + ".")
         elif name == "method" and model is Config:
             rows.append(("method.name", repr("lora"), METHOD_HELP))
             # One row per option; an option several methods share with the same meaning and default is listed once.

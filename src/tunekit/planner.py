@@ -413,3 +413,38 @@ def warn_if_over_free_memory(cfg, stats, device, precision: str) -> str | None:
     return (f"[tunekit] warning: the memory plan of this run is {p.total / GiB:.2f} GiB but only {free / GiB:.2f} "
             f"GiB is free on {device}; lower train.batch_size or data.max_length, or use qlora (tunekit plan "
             f"shows the terms; train.plan_check false silences this)")
+
+
+def teacher_bytes(teacher: str, precision: str, tokens: int, device: str = "cpu") -> int:
+    """Memory a frozen teacher adds to a distillation run: its weights (the whole model in bf16 under bf16
+    precision, else fp32) plus the transient activations of one no-grad forward pass over `tokens` tokens
+    (about two layers' worth of hidden and MLP tensors are alive at once, and the (N, H) final hidden states)."""
+    from .models import resolve_model_path
+
+    s = load_shape(resolve_model_path(teacher))
+    width = 2 if precision == "bf16" else 4
+    transient = tokens * (4 * s.hidden + 3 * s.intermediate + s.q_width + 2 * s.kv_width) * 4 * 2
+    return s.total_params() * width + transient
+
+
+def check_teacher_fits(cfg, stats, device, precision: str) -> None:
+    """Raise PlanError before loading anything heavy when student plan + teacher exceed the free memory."""
+    if not stats.n_train or not stats.total_tokens:
+        return
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    prec = precision if precision in ("bf16", "fp32") else "fp32"
+    mean_len = stats.total_tokens / max(stats.n_train + stats.n_val, 1)
+    try:
+        student = plan_for_run(cfg, mean_len, stats.label_tokens / stats.total_tokens, dev, prec).total
+        teacher = teacher_bytes(cfg.distill.teacher, prec, round(mean_len * cfg.train.batch_size), dev)
+    except (OSError, ValueError) as e:  # a hub teacher not downloaded yet: nothing to plan from
+        print(f"[tunekit] memory plan skipped: {e}", flush=True)
+        return
+    free = free_memory_bytes(str(device))
+    if free is not None and student + teacher > free:
+        raise PlanError(
+            f"distillation needs about {(student + teacher) / GiB:.2f} GiB (student run {student / GiB:.2f} GiB + "
+            f"teacher {cfg.distill.teacher} {teacher / GiB:.2f} GiB) but only {free / GiB:.2f} GiB is free on "
+            f"{device}. Use train.precision bf16 (halves the teacher), a smaller train.batch_size, or "
+            f"distill.mode offline (the teacher generates first and is unloaded before training); "
+            f"train.plan_check false skips this check.")

@@ -44,8 +44,9 @@ def _energy(result) -> str:
             f"{e['source']} (codecarbon, offline)")
 
 
-def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None) -> Path:
-    """`method` (the Method object, optional) adds its report() rows and its effective packing."""
+def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra_rows: dict | None = None) -> Path:
+    """`method` (the Method object, optional) adds its report() rows and its effective packing; `extra_rows`
+    (e.g. the distillation objective's report) are listed after them."""
     pct = 100 * result.trainable_params / max(result.total_params, 1)
     method_desc = ", ".join(f"{k}={v}" for k, v in cfg.method.model_dump().items() if k != "name")
     load = load_instructions(run_dir, cfg.model.name)
@@ -57,6 +58,7 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None) -> Pa
         ("Data", f"`{cfg.data.train}`" + (f", validation `{cfg.data.validation}`" if cfg.data.validation else "")),
         ("Examples", f"{stats.n_train} train, {stats.n_val} validation"),
         *method_rows,
+        *[(k, _fmt_value(v)) for k, v in (extra_rows or {}).items()],
         ("Trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.3f}%)"),
         ("Steps", f"{result.steps} (batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, "
                   f"packing {'on' if packing else 'off'})"),

@@ -22,11 +22,12 @@ class Batch:
     attention_mask: torch.Tensor | None  # (B, T) 1 = real token; None when packed (no padding)
     n_tokens: int  # real (non-padding) tokens
     n_targets: int  # tokens that carry a loss
+    sampled: bool = False  # the completions are the student's own samples (on-policy distillation), not gold
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids), move(self.attention_mask),
-                     self.n_tokens, self.n_targets)
+                     self.n_tokens, self.n_targets, self.sampled)
 
 
 def shifted_targets(labels: Sequence[int]) -> list[int]:

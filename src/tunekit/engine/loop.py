@@ -31,6 +31,7 @@ from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_pe
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
 from .loss import label_only_loss_sum
+from .objective import build_objective
 from .metrics import MetricsLog, Progress, Sinks, read_metrics
 from .schedule import build_optimizer, build_scheduler
 
@@ -135,6 +136,8 @@ def train(cfg: Config) -> TrainResult:
         if warning:
             print(warning, flush=True)
 
+    # The objective before the student: a teacher that cannot be used (tokenizer, memory) fails before training.
+    objective = build_objective(cfg, tokenizer, data.stats, device, precision)
     model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     method = build_method(cfg.method)
     linear_weights = base_linear_weights(model)  # before the method adds layers of its own (for MFU)
@@ -144,8 +147,8 @@ def train(cfg: Config) -> TrainResult:
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
-    compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device, method.supports_compile,
-                                           steps)
+    compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device,
+                                           method.supports_compile and objective.supports_compile, steps)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
@@ -198,18 +201,19 @@ def train(cfg: Config) -> TrainResult:
     with _StopFlag() as stop:
         while step < steps:
             t0 = time.perf_counter()
-            micro = [next(stream) for _ in range(tc.grad_accum)]
+            micro = [objective.prepare(next(stream), model, method) for _ in range(tc.grad_accum)]
             # Token-weighted loss: every target token of the optimizer step weighs the same, however the
             # step is split into micro-batches (divide by the step's total, not each micro-batch's count).
             n_targets = sum(b.n_targets for b in micro)
-            loss_total = 0.0
+            loss_total, part_totals = 0.0, {}
             for batch in micro:
                 b = batch.to(device)
                 with autocast(device, precision):
-                    hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
-                    loss_sum, _ = label_only_loss_sum(hidden, head, b.targets)
+                    loss_sum, parts = objective.loss_sum(model, method, head, b)
                 (loss_sum / n_targets).backward()
                 loss_total += float(loss_sum.detach())
+                for k, v in parts.items():
+                    part_totals[k] = part_totals.get(k, 0.0) + v
             grad_norm = None
             if cfg.optim.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.optim.max_grad_norm))
@@ -225,7 +229,8 @@ def train(cfg: Config) -> TrainResult:
                 rate_tokens, rate_time = rate_tokens + n_tokens, rate_time + dt
             loss = loss_total / n_targets
             record = {"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_seen": tokens_seen,
-                      "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm}
+                      "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
+                      **{f"loss_{k}": v / n_targets for k, v in part_totals.items()}}
             if tc.eval_every and step % tc.eval_every == 0 and step < steps and data.validation:
                 record["eval_loss"] = evaluate_loss(model, method, data.validation, *eval_args)
                 progress.message(f"step {step}: eval_loss {record['eval_loss']:.4f}")
@@ -263,6 +268,6 @@ def train(cfg: Config) -> TrainResult:
     tokenizer.save_pretrained(run_dir)
     from ..runcard import write_run_card
 
-    write_run_card(run_dir, cfg, result, data.stats, method)
+    write_run_card(run_dir, cfg, result, data.stats, method, extra_rows=objective.report())
     (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     return result

@@ -40,7 +40,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     chunk_rows = chunk_rows or max(32, 2**23 // weight.shape[0])  # ~32 MiB of fp32 logits per chunk
-    w = _compute_weight(weight, dtype)
+    w = cached_weight_cast(weight, dtype)
     b = None if bias is None else bias.to(dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -56,7 +56,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 _cast_cache: list = [None]  # one slot: (weakref to the weight, its version, dtype, the cast copy)
 
 
-def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cached_weight_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` in the compute dtype, cast again only when the weight changed (a frozen head: once per run)."""
     if weight.dtype == dtype:
         return weight.detach()
