@@ -4,7 +4,8 @@ Sequence-level KD (Kim & Rush 2016): the student is fine-tuned on the teacher's 
 the gold answers. Generation is batched, shows progress, and is resumable: each finished batch is appended and
 flushed, every row records the index of its prompt, and a rerun skips the prompts already answered (provided
 the settings in the sidecar `<file>.meta.json` are the same). Each row keeps its provenance: source file and
-line, teacher, adapter, generation settings.
+line, teacher, adapter, generation settings. Prompts the teacher answers with nothing go to
+`<file>.rejected.jsonl` instead (an empty assistant turn is not training data).
 """
 
 from __future__ import annotations
@@ -41,15 +42,23 @@ def generation_settings(d, source: str) -> dict:
             "temperature": d.teacher_temperature}
 
 
+def rejected_path(out: Path) -> Path:
+    """Where prompts the teacher answered with nothing are listed (kept out of the training data)."""
+    return out.with_name(out.stem + ".rejected.jsonl")
+
+
 def done_indices(out: Path) -> set[int]:
-    """Prompt indices already answered in `out`; a torn last line (killed mid-write) is dropped."""
+    """Prompt indices already answered in `out` (or rejected); a torn last line (killed mid-write) is dropped."""
     if not out.exists():
         return set()
+    rejected = rejected_path(out)
+    done = {json.loads(x)["provenance"]["index"] for x in rejected.read_text().splitlines()
+            if x.endswith("}")} if rejected.exists() else set()
     lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
         out.write_text("".join(lines), encoding="utf-8")
-    return {json.loads(line)["provenance"]["index"] for line in lines if line.strip()}
+    return done | {json.loads(line)["provenance"]["index"] for line in lines if line.strip()}
 
 
 def write_teacher_data(d, source: str, out: str, device: str = "auto", progress: bool = True) -> Path:
@@ -81,9 +90,9 @@ def write_teacher_data(d, source: str, out: str, device: str = "auto", progress:
     origins = [(r.file, r.line) for r in read_records(source)]
     print(f"[tunekit] teacher data: {len(todo)} of {len(records)} prompts to answer -> {out_path}"
           + (f" (resuming: {len(done)} done)" if done else ""), flush=True)
-    t0, n_tokens = time.perf_counter(), 0
+    t0, n_tokens, n_empty = time.perf_counter(), 0, 0
     chunk = d.generate_batch_size * 4  # a few generation batches per flush: length-sorting works within a chunk
-    with open(out_path, "a", encoding="utf-8") as f:
+    with open(out_path, "a", encoding="utf-8") as f, open(rejected_path(out_path), "a", encoding="utf-8") as rej:
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
             replies = generate(model, tokenizer, [records[i][0] for i in idx], max_new_tokens=d.max_new_tokens,
@@ -93,8 +102,10 @@ def write_teacher_data(d, source: str, out: str, device: str = "auto", progress:
                 row = {"messages": prompt + [{"role": "assistant", "content": reply}],
                        "provenance": {"index": i, "file": origins[i][0], "line": origins[i][1],
                                       "teacher": d.teacher, "teacher_adapter": d.teacher_adapter}}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n_empty += not reply.strip()
+                (f if reply.strip() else rej).write(json.dumps(row, ensure_ascii=False) + "\n")
                 n_tokens += len(tokenizer(reply, add_special_tokens=False)["input_ids"])
+            rej.flush()
             f.flush()
             if progress:
                 finished = min(start + chunk, len(todo))
@@ -102,6 +113,9 @@ def write_teacher_data(d, source: str, out: str, device: str = "auto", progress:
                 eta = elapsed / finished * (len(todo) - finished)
                 print(f"teacher data {finished}/{len(todo)}  {n_tokens / elapsed:,.0f} generated tok/s  "
                       f"ETA {eta:,.0f}s", file=sys.stderr, flush=True)
+    if n_empty:
+        print(f"[tunekit] teacher data: {n_empty} prompts got an empty reply; listed in {rejected_path(out_path)}, "
+              f"not trained on", flush=True)
     meta = json.loads(meta_path.read_text())
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
