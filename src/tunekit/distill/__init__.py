@@ -26,6 +26,11 @@ def distill(cfg):
             raise DistillError("distill.teacher is not set: name the teacher model (alias, folder, .gguf or hub id)")
         from .teacher_data import write_teacher_data
 
+        if cfg.train.threads:
+            import torch
+
+            torch.set_num_threads(cfg.train.threads)
+
         out = d.teacher_data or str(Path(cfg.train.output_dir) / "teacher_data.jsonl")
         if cfg.data.train != out:  # a resumed run already points at its teacher data
             write_teacher_data(d, cfg.data.train, out, device=cfg.train.device, progress=cfg.train.progress)
