@@ -12,9 +12,10 @@ Scores, over scoring micro-batches b = 1..B with G_b = d(mean token loss of micr
 and normalize: mean divides by the group's size. Gradients are taken per micro-batch (not per example), so the
 Fisher estimate is that of micro-batch gradients: the squared mean gradient plus its variance / batch size.
 
-Selection: each strategy orders the groups (importance: highest score first; random: a seeded shuffle; last: from
-the last decoder layer down, in module order) and takes them in that order while they fit in the budget, so the
-trained parameters never exceed the budget and the remainder is smaller than every group left out.
+Selection: each strategy orders the groups (importance: highest score first, groups scoring exactly 0 left out;
+random: a seeded shuffle; last: from the last decoder layer down, in module order) and takes them in that order
+while they fit in the budget, so the trained parameters never exceed the budget and the remainder is smaller than
+every group left out.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def strategy_order(groups: list[Group], strategy: str, scores: list[float] | Non
         if scores is None:
             raise MethodError("strategy importance needs scores: tunekit train computes them in Method.prepare "
                               "(score_batches micro-batches) before apply()")
-        return sorted(range(n), key=lambda i: (-scores[i], i))  # ties: model order
+        # A group with score 0 had no gradient on any scoring batch: training it cannot change the loss at first.
+        return sorted((i for i in range(n) if scores[i] > 0), key=lambda i: (-scores[i], i))  # ties: model order
     if strategy == "random":
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     if strategy == "last":
