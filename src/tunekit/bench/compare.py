@@ -40,11 +40,11 @@ METHOD_SETTINGS: dict[str, dict] = {
     "full": {"method.name": "full", "optim.lr": 5e-5},
     # Parameter selection: 10% of the decoder's linear weights at full rank, chosen by Fisher importance on 8
     # micro-batches, and the two baselines with the same budget (they skip scoring: their time is training only).
-    "select": {"method.name": "select", "method.fraction": 0.1, "optim.lr": 1e-4},
+    "select": {"method.name": "select", "method.fraction": 0.1, "optim.lr": 2e-4},
     "select-random": {"method.name": "select", "method.strategy": "random", "method.score_batches": 0,
-                      "method.fraction": 0.1, "optim.lr": 1e-4},
+                      "method.fraction": 0.1, "optim.lr": 2e-4},
     "select-last": {"method.name": "select", "method.strategy": "last", "method.score_batches": 0,
-                    "method.fraction": 0.1, "optim.lr": 1e-4},
+                    "method.fraction": 0.1, "optim.lr": 2e-4},
 }
 assert set(METHOD_NAMES) <= set(METHOD_SETTINGS)
 BASELINES = ("select-random", "select-last")  # only when asked for: `--methods select select-random select-last`
