@@ -275,3 +275,16 @@ def test_bad_choices_against_the_model_say_what_is_valid(tiny_model_dir):
         build_method(SelectMethod(strategy="last", score_batches=0, max_params=1000)).apply(base(tiny_model_dir))
     with pytest.raises(MethodError, match="strategy importance needs scores"):
         build_method(SelectMethod()).apply(base(tiny_model_dir))
+
+
+def test_resumed_run_rescores_to_the_same_groups_and_weights(tmp_path, make_config):
+    # constant lr: a 2-step run resumed to 4 steps follows the 4-step run exactly
+    common = {**RUNS["full-rank"], "optim.schedule": "constant", "train.save_every": 2}
+    with torch_globals_preserved():
+        train(make_config(tmp_path / "whole", common))
+        train(make_config(tmp_path / "parts", {**common, "train.max_steps": 2}))
+        train(make_config(tmp_path / "parts", {**common, "train.resume": True}))
+    whole, parts = (json.loads((tmp_path / r / "selection.json").read_text()) for r in ("whole", "parts"))
+    assert whole["groups"] == parts["groups"]
+    assert all(torch.equal(a, b) for a, b in zip(*(
+        load_file(str(tmp_path / r / "tunekit_weights.safetensors")).values() for r in ("whole", "parts"))))
