@@ -29,3 +29,29 @@ def test_compare_two_methods_two_steps(tmp_path, tiny_model_dir):
 def test_compare_rejects_unknown_methods():
     with pytest.raises(ValueError, match="unknown method 'lorax' for compare; choose from: lora"):
         method_overrides("lorax")
+
+
+def test_compare_parameter_selection_against_its_baselines(tmp_path, tiny_model_dir):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "compare"
+    rows = run_compare(methods=["select", "select-random", "select-last"], model=str(tiny_model_dir), steps=2,
+                       n_train=12, n_test=2, batch_size=2, device="cpu", out=str(out), isolate=False, max_new_tokens=4,
+                       overrides={"train.threads": 1, "train.precision": "fp32", "data.val_fraction": 0.25,
+                                  "method.fraction": 0.3})
+    # The same budget: 30% of the 2 x 7 groups' weights, filled to within one group.
+    assert len({r["trainable"] for r in rows}) <= 3 and all(r["groups"].endswith(" of 14") for r in rows)
+    infos = {r["method"]: json.loads((out / r["method"] / "selection.json").read_text()) for r in rows}
+    assert len({i["budget"] for i in infos.values()}) == 1
+    assert [i["method"]["strategy"] for i in infos.values()] == ["importance", "random", "last"]
+    assert infos["select"]["scoring"] and not infos["select-last"]["scoring"]
+    assert "| groups |" in (out / "compare.md").read_text().splitlines()[2]
+
+
+def test_compare_cli_set_parses_overrides():
+    from tunekit.cli import key_values
+    from tunekit.config import ConfigError
+
+    assert key_values(["method.fraction=0.05", "method.lora_r=null"], "x") == {"method.fraction": 0.05,
+                                                                              "method.lora_r": None}
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        key_values(["fraction"], "tunekit compare --set")

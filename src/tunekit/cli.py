@@ -58,6 +58,17 @@ def parse_train_argv(argv: list[str]) -> tuple[str | None, dict, bool]:
     return config_path, overrides, print_config
 
 
+def key_values(items: list[str], where: str) -> dict:
+    """['method.fraction=0.05', ...] -> {'method.fraction': 0.05}, values parsed like train flags."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"{where} takes SECTION.KEY=VALUE (e.g. method.fraction=0.05), got {item!r}")
+        out[key] = parse_value(value)
+    return out
+
+
 DISTILL_USAGE = """usage: tunekit distill --config FILE.yaml [--section.key VALUE ...] [--resume] [--print-config]
 
 Distil a teacher into a student: the run's model is the student, trained with its method (full, lora, ...), and
@@ -177,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--batch-size", type=int, default=8)
     cp.add_argument("--device", default="auto")
     cp.add_argument("--out", default="runs/compare", help="folder for runs, compare.md, compare.json, compare.png")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every method, e.g. --set method.fraction=0.05 (repeatable)")
 
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
@@ -241,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
         elif args.command == "compare":
             api.compare(methods=args.methods, model=args.model, steps=args.steps, n_train=args.n_train,
-                        n_test=args.n_test, batch_size=args.batch_size, device=args.device, out=args.out)
+                        n_test=args.n_test, batch_size=args.batch_size, device=args.device, out=args.out,
+                        **key_values(args.set, "tunekit compare --set"))
         elif args.command == "shrink":
             from .distill.shrink import format_report
 

@@ -58,7 +58,8 @@ class DataConfig(Section):
     seed: int = Field(0, description="Seed of the train/validation split.")
 
 
-METHOD_NAMES = ("lora", "full", "qlora", "prefix", "prompt", "ptuning", "ia3", "adapter", "bitfit", "freeze")
+METHOD_NAMES = ("lora", "full", "qlora", "prefix", "prompt", "ptuning", "ia3", "adapter", "bitfit", "freeze",
+                "select")
 METHOD_HELP = f"Fine-tuning method: {', '.join(METHOD_NAMES)}."
 TargetModules = Union[list[str], Literal["all-linear", "attention", "mlp"]]
 LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_<n>
@@ -202,15 +203,84 @@ class FreezeMethod(Section):
     train_embeddings: bool = Field(False, description="Also train the token embeddings (and a tied lm_head).")
 
 
+class SelectMethod(Section):
+    """Parameter selection ("core vs task-specific parameters"): score every (decoder layer, linear module) group on
+    a sample of the training data, train the best ones within a parameter budget, freeze the rest."""
+
+    name: Literal["select"] = Field("select", description=METHOD_HELP)
+    strategy: Literal["importance", "random", "last"] = Field(
+        "importance",
+        description="How groups are chosen within the budget: importance (highest score first), random (seeded "
+        "shuffle; a baseline) or last (from the last decoder layer down; the last-N-layers baseline).",
+    )
+    importance: Literal["fisher", "grad"] = Field(
+        "fisher",
+        description="Score of a group g over scoring micro-batches b with gradients G_b of the micro-batch's mean "
+        "token loss: fisher = mean_b sum_{i in g} G_b[i]^2 (empirical Fisher diagonal), grad = mean_b sum_{i in g} "
+        "|G_b[i]|; then divided by the group's size under normalize: mean.",
+    )
+    score_batches: int = Field(
+        8, ge=0, description="Training micro-batches (train.batch_size examples each, seeded) the scores are "
+        "computed on; 0 skips scoring (allowed for the random and last strategies only).",
+    )
+    normalize: Literal["mean", "sum"] = Field(
+        "mean",
+        description="mean: score per parameter (sum / group size), so a large MLP matrix does not win by size alone "
+        "and the budget buys the most importance per trained parameter; sum: the group's total.",
+    )
+    fraction: float | None = Field(
+        0.1, gt=0, le=1, description="Budget: this share of the parameters training all groups would cost "
+        "(full rank: their weights; with lora_r: LoRA on all of them). Give fraction or max_params, not both.",
+    )
+    max_params: int | None = Field(
+        None, ge=1, validate_default=True,
+        description="Budget as a number of trainable parameters (setting it alone clears fraction).",
+    )
+    modules: TargetModules = Field(
+        "all-linear", description="Linear module types that form groups, one group per decoder layer and type: "
+        "leaf names (e.g. [q_proj, down_proj]) or all-linear, attention, mlp.",
+    )
+    lora_r: int | None = Field(
+        None, ge=1, description="null: the selected groups train at full rank; a rank: LoRA of that rank on the "
+        "selected modules only (saved as a plain PEFT adapter).",
+    )
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator with lora_r (scale = lora_alpha / r).")
+    seed: int = Field(0, description="Seed of the random strategy's shuffle.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_params_replaces_fraction(cls, data: Any) -> Any:
+        # `max_params: N` alone means that budget; the default fraction must not also apply.
+        if isinstance(data, dict) and data.get("max_params") is not None and "fraction" not in data:
+            data = {**data, "fraction": None}
+        return data
+
+    # Field validators run in field order, so each sees the fields above it: the error names its own key.
+    @field_validator("score_batches")
+    @classmethod
+    def _scores_when_needed(cls, v: int, info) -> int:
+        if v < 1 and info.data.get("strategy") == "importance":
+            raise ValueError("strategy importance needs score_batches >= 1 (its scores come from training batches)")
+        return v
+
+    @field_validator("max_params")
+    @classmethod
+    def _exactly_one_budget(cls, v: int | None, info) -> int | None:
+        if (v is None) == (info.data.get("fraction") is None) and "fraction" in info.data:
+            raise ValueError("give exactly one budget: fraction (a share, e.g. 0.1) or max_params (a count of "
+                             "trainable parameters), and set the other to null")
+        return v
+
+
 MethodConfig = Annotated[
     Union[LoraMethod, FullMethod, QLoraMethod, PrefixMethod, PromptMethod, PTuningMethod, IA3Method, AdapterMethod,
-          BitFitMethod, FreezeMethod],
+          BitFitMethod, FreezeMethod, SelectMethod],
     Field(discriminator="name"),
 ]
 METHODS: dict[str, type[Section]] = {
     "lora": LoraMethod, "full": FullMethod, "qlora": QLoraMethod, "prefix": PrefixMethod, "prompt": PromptMethod,
     "ptuning": PTuningMethod, "ia3": IA3Method, "adapter": AdapterMethod, "bitfit": BitFitMethod,
-    "freeze": FreezeMethod,
+    "freeze": FreezeMethod, "select": SelectMethod,
 }
 assert tuple(METHODS) == METHOD_NAMES
 

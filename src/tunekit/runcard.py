@@ -75,7 +75,9 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra
         ("Wall time", f"{result.wall_time_s:,.0f} s"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    extra = method.card_section().strip() if method is not None else ""  # e.g. select's per-group table
     text = (f"# tunekit run: {Path(run_dir).name}\n\n| | |\n|---|---|\n{table}\n\n"
+            + (f"{extra}\n\n" if extra else "") +
             f"## Data\n\n{stats.summary()}\n\n## Load it\n\n{load}\n\n"
             f"Files: `config.yaml` (the full resolved config; rerun with `tunekit train --config config.yaml`), "
             f"`metrics.jsonl` (one line per step), `checkpoints/` (resumable).\n")

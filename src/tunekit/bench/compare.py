@@ -1,6 +1,7 @@
 """`tunekit compare`: every method trained on the demo task with the same budget, one table.
 
-    tunekit compare [--methods lora qlora ...] [--steps 40] [--n-test 50] [--out runs/compare]
+    tunekit compare [--methods lora qlora ...] [--steps 40] [--n-test 50] [--out runs/compare] [--set KEY=VALUE]
+    tunekit compare --methods select select-random select-last    # parameter selection vs its baselines
 
 For each method: `tunekit train` on the demo invoices (configs/demo-lora.yaml with the method swapped in and the
 same steps, batch, data and seed), in its own process so its peak memory (peak RSS on CPU) is its own; then
@@ -37,8 +38,16 @@ METHOD_SETTINGS: dict[str, dict] = {
     "freeze": {"method.name": "freeze", "method.trainable": ["layers.-4", "layers.-3", "layers.-2", "layers.-1"],
                "optim.lr": 1e-4},
     "full": {"method.name": "full", "optim.lr": 5e-5},
+    # Parameter selection: 10% of the decoder's linear weights at full rank, chosen by Fisher importance on 8
+    # micro-batches, and the two baselines with the same budget (they skip scoring: their time is training only).
+    "select": {"method.name": "select", "method.fraction": 0.1, "optim.lr": 2e-4},
+    "select-random": {"method.name": "select", "method.strategy": "random", "method.score_batches": 0,
+                      "method.fraction": 0.1, "optim.lr": 2e-4},
+    "select-last": {"method.name": "select", "method.strategy": "last", "method.score_batches": 0,
+                    "method.fraction": 0.1, "optim.lr": 2e-4},
 }
 assert set(METHOD_NAMES) <= set(METHOD_SETTINGS)
+BASELINES = ("select-random", "select-last")  # only when asked for: `--methods select select-random select-last`
 COLUMNS = ["method", "trainable", "trainable %", "peak GiB", "tokens/s", "eval_loss", "exact_match", "json_valid",
            "train s"]
 
@@ -81,7 +90,7 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
                 overrides: dict | None = None, isolate: bool = True, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     from ..api import evaluate
 
-    methods = methods or list(METHOD_SETTINGS)
+    methods = methods or [m for m in METHOD_SETTINGS if m not in BASELINES]
     for m in methods:
         method_overrides(m)  # fails early on an unknown name
     out_dir = Path(out)
@@ -104,18 +113,30 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
                      "trainable %": result["trainable_params"] / result["total_params"],
                      "peak GiB": result["peak_memory_bytes"] / 2**30, "tokens/s": result["tokens_per_s"],
                      "eval_loss": result["eval_loss_after"], "exact_match": report.scores["exact_match"],
-                     "json_valid": report.scores["json_valid"], "train s": train_s})
+                     "json_valid": report.scores["json_valid"], "train s": train_s,
+                     "groups": selected_groups(run_dir)})
     write_outputs(rows, out_dir, f"{steps} steps x batch {batch_size}, {n_train} train / {n_test} test examples, "
                                  f"model {model}")
     return rows
 
 
+def selected_groups(run_dir: Path) -> str | None:
+    """'k of n' (layer x module) groups a select run trained, from its selection.json; None for other methods."""
+    path = run_dir / "selection.json"
+    if not path.exists():
+        return None
+    groups = json.loads(path.read_text())["groups"]
+    return f"{sum(g['selected'] for g in groups)} of {len(groups)}"
+
+
 def write_outputs(rows: list[dict], out_dir: Path, budget: str) -> None:
-    table = format_table(rows, COLUMNS)
+    columns = COLUMNS + (["groups"] if any(r.get("groups") for r in rows) else [])
+    table = format_table(rows, columns)
     print(f"\n{budget}\n{table}\n", flush=True)
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        md.append("| " + " | ".join(_md_cell(c, r[c]) for c in COLUMNS) + " |")
+        md.append("| " + " | ".join(_md_cell(c, r.get(c)) for c in columns) + " |")
+    print("\n".join(md) + "\n", flush=True)
     (out_dir / "compare.md").write_text(f"Budget: {budget}\n\n" + "\n".join(md) + "\n")
     (out_dir / "compare.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
     plot(rows, out_dir / "compare.png", budget)

@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,6 +103,14 @@ def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_i
     return total / max(count, 1)
 
 
+def micro_batch_loss(model, batch, method, device, precision) -> tuple[torch.Tensor, int]:
+    """(summed label loss, targets) of one micro-batch, the forward of a training step (for Method.prepare)."""
+    b = batch.to(device)
+    with autocast(device, precision):
+        hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
+        return label_only_loss_sum(hidden, method.lm_head(model), b.targets)
+
+
 def total_steps_for(cfg: Config, n_train: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
@@ -141,6 +150,9 @@ def train(cfg: Config) -> TrainResult:
     model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     method = build_method(cfg.method)
     linear_weights = base_linear_weights(model)  # before the method adds layers of its own (for MFU)
+    # A method may look at a seeded sample of the training data first (select scores parameter groups on it).
+    sample = BatchStream(data.train, tc.batch_size, tc.seed, cfg.data.packing and method.supports_packing, pad_id)
+    method.prepare(model, sample, partial(micro_batch_loss, method=method, device=device, precision=precision), device)
     model = method.apply(model).to(device)
     if precision == "bf16":
         cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts

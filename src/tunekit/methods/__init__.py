@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..config import (AdapterMethod, BitFitMethod, FreezeMethod, FullMethod, IA3Method, LoraMethod, PrefixMethod,
-                      PromptMethod, PTuningMethod, QLoraMethod)
+                      PromptMethod, PTuningMethod, QLoraMethod, SelectMethod)
 from .adapter import BottleneckAdapter
 from .base import Method, MethodError, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from .bitfit import BitFit
@@ -17,6 +17,7 @@ from .prefix import PrefixTuning
 from .prompt import PromptTuning
 from .ptuning import PTuning
 from .qlora import QLora
+from .select import Select
 
 # bitsandbytes (imported by peft when installed) logs a warning at import on AVX512-BF16 CPUs when the optional
 # `kernels` package is missing; its own CPU kernels are used instead, so the message is noise.
@@ -24,7 +25,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _REGISTRY = {LoraMethod: Lora, FullMethod: Full, QLoraMethod: QLora, PrefixMethod: PrefixTuning,
              PromptMethod: PromptTuning, PTuningMethod: PTuning, IA3Method: IA3, AdapterMethod: BottleneckAdapter,
-             BitFitMethod: BitFit, FreezeMethod: Freeze}
+             BitFitMethod: BitFit, FreezeMethod: Freeze, SelectMethod: Select}
 
 
 def build_method(cfg) -> Method:

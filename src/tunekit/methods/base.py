@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,6 +31,15 @@ class Method(ABC):
     supports_compile: bool = True
     # Whether merge() can fold the result into plain base weights (LoRA, IA3, BitFit, freeze, full).
     can_merge: bool = False
+
+    def prepare(self, model: nn.Module, batches: Iterator, forward_loss: Callable, device: torch.device) -> None:
+        """Look at a sample of the training data before apply() (e.g. to choose what trains); default: nothing.
+
+        `batches` yields training micro-batches (engine.batching.Batch) in a seeded order; `forward_loss(model,
+        batch)` is the training step's forward on `device` under the run's precision and returns (summed label
+        loss, number of targets). A method that uses them moves `model` to `device` first, and leaves no
+        gradients, requires_grad changes or train/eval mode change behind.
+        """
 
     @abstractmethod
     def apply(self, model: nn.Module) -> nn.Module:
@@ -67,6 +77,10 @@ class Method(ABC):
     def report(self) -> dict[str, str | int | float]:
         """Method-specific facts for the run card (e.g. measured bits per quantized weight); {} if none."""
         return {}
+
+    def card_section(self) -> str:
+        """Extra Markdown for the run card after its main table (e.g. a per-group table); '' if none."""
+        return ""
 
 
 def packed_attention_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:

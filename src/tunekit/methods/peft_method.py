@@ -25,16 +25,7 @@ class PeftMethod(Method):
         """The peft *Config for this method on `model` (targets already resolved and checked)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        peft_model = get_peft_model(model, self.peft_config(model))
-        for module in peft_model.modules():
-            if isinstance(module, BaseTunerLayer):
-                # peft casts each adapter input to the adapter's fp32 dtype; under bf16 autocast that is a copy of
-                # every activation that autocast immediately casts back. In fp32 runs it is a no-op either way.
-                module.cast_input_dtype_enabled = False
-        return peft_model
+        return attach_peft(model, self.peft_config(model))
 
     def causal_lm(self, model: nn.Module) -> nn.Module:
         return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -49,3 +40,17 @@ class PeftMethod(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
+
+
+def attach_peft(model: nn.Module, config) -> nn.Module:
+    """get_peft_model(model, config) set up for tunekit's loop (mutates `model`: peft injects its layers)."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    peft_model = get_peft_model(model, config)
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            # peft casts each adapter input to the adapter's fp32 dtype; under bf16 autocast that is a copy of
+            # every activation that autocast immediately casts back. In fp32 runs it is a no-op either way.
+            module.cast_input_dtype_enabled = False
+    return peft_model
