@@ -100,6 +100,10 @@ def test_every_flag_in_help_is_accepted_and_described(capsys):
             prefix = ["--method", m.group(1)]
         else:
             section, key = flag.split(".")
+            if defaults[section] is None:  # an optional section (distill): its own defaults
+                from tunekit.config import section_type
+
+                defaults[section] = section_type(Config.model_fields[section].annotation)().model_dump(mode="json")
             value, prefix = defaults[section][key], []
         if main(["train", *prefix, f"--{flag}", json.dumps(value), "--print-config"]) != 0:
             failures.append(f"--{flag} {json.dumps(value)}: rejected")
