@@ -52,6 +52,16 @@ def perturb_trainable_(model, scale: float = 0.05, seed: int = 1) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def perturbed_method(cfg, model_dir, ids: torch.Tensor, mask: torch.Tensor | None = None):
+    """(method, model, logits) of a freshly applied method whose trainable tensors were moved by seeded noise."""
+    from tunekit.methods import build_method
+
+    method = build_method(cfg)
+    model = method.apply(base(model_dir))
+    perturb_trainable_(model)
+    return method, model, method_logits(method, model, ids, mask)
+
+
 def final_state(run_dir: Path, steps: int) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "checkpoints" / f"step-{steps:06d}" / "trainable.safetensors"))
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import torch_globals_preserved
 from method_checks import ATTENTION, KV, MLP, H, INTER, L, base, in_out, method_logits, model_logits, \
-    perturb_trainable_, rebuild_from_checkpoint
+    perturbed_method, rebuild_from_checkpoint
 from tunekit.config import ConfigError, LoraMethod, QLoraMethod, load_config
 from tunekit.engine import train
 from tunekit.methods import MethodError, build_method, count_parameters
@@ -79,10 +79,7 @@ def test_rslora_and_alpha_pattern_set_the_scaling(tiny_model_dir):
 def test_lora_variant_save_load_peft_and_merge_agree(tiny_model_dir, prompt_ids, tmp_path, options):
     from peft import PeftModel
 
-    method = build_method(LoraMethod(r=4, **options))
-    model = method.apply(base(tiny_model_dir))
-    perturb_trainable_(model)
-    expected = method_logits(method, model, prompt_ids)
+    method, model, expected = perturbed_method(LoraMethod(r=4, **options), tiny_model_dir, prompt_ids)
     method.save(model, tmp_path)
     # PiSSA/OLoRA adapters are saved converted to plain LoRA (rank 2r) on the *original* base: fp32 tolerance.
     atol = 1e-5 if "init" in options and options["init"] != "gaussian" else 0

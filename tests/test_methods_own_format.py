@@ -11,7 +11,7 @@ import torch
 
 from conftest import torch_globals_preserved
 from method_checks import ATTENTION, MLP, H, INTER, L, base, in_out, method_logits, model_logits, \
-    perturb_trainable_, rebuild_from_checkpoint
+    perturb_trainable_, perturbed_method, rebuild_from_checkpoint
 from tunekit.config import AdapterMethod, BitFitMethod, FreezeMethod
 from tunekit.engine import train
 from tunekit.methods import MethodError, build_method, count_parameters, load_saved_method, saved_method
@@ -73,10 +73,7 @@ def test_fresh_method_reproduces_the_base_logits_exactly(tiny_model_dir, prompt_
 
 @pytest.mark.parametrize("key", CONFIGS)
 def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, prompt_ids, tmp_path, key):
-    method = build_method(CONFIGS[key])
-    model = method.apply(base(tiny_model_dir))
-    perturb_trainable_(model)
-    expected = method_logits(method, model, prompt_ids)
+    method, model, expected = perturbed_method(CONFIGS[key], tiny_model_dir, prompt_ids)
     assert float((expected - model_logits(base(tiny_model_dir), prompt_ids)).abs().max()) > 1e-3
     method.save(model, tmp_path)
     meta = json.loads((tmp_path / METHOD_FILE).read_text())
@@ -132,10 +129,7 @@ def test_training_lowers_the_eval_loss_and_the_run_folder_loads(tmp_path, make_c
 
 @pytest.mark.parametrize("key", ["bitfit", "bitfit-attention", "freeze-patterns", "freeze-embeddings"])
 def test_merge_equals_base_plus_the_trained_tensors(tiny_model_dir, prompt_ids, key):
-    method = build_method(CONFIGS[key])
-    model = method.apply(base(tiny_model_dir))
-    perturb_trainable_(model)
-    expected = method_logits(method, model, prompt_ids)
+    method, model, expected = perturbed_method(CONFIGS[key], tiny_model_dir, prompt_ids)
     merged = method.merge(model)
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(model_logits(merged, prompt_ids), expected, rtol=0, atol=1e-5)

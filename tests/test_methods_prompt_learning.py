@@ -8,7 +8,7 @@ import torch
 
 from conftest import torch_globals_preserved
 from method_checks import KV, H, INTER, L, base, method_logits, model_logits, perturb_trainable_, \
-    rebuild_from_checkpoint
+    perturbed_method, rebuild_from_checkpoint
 from tunekit.config import ConfigError, IA3Method, PrefixMethod, PromptMethod, PTuningMethod, load_config
 from tunekit.engine import train
 from tunekit.methods import MethodError, build_method, count_parameters
@@ -97,10 +97,7 @@ def test_save_load_and_peft_give_the_same_logits(tiny_model_dir, batch, tmp_path
     from peft import PeftModel
 
     ids, mask = batch
-    method = build_method(CONFIGS[key])
-    model = method.apply(base(tiny_model_dir))
-    perturb_trainable_(model)
-    expected = method_logits(method, model, ids, mask)
+    method, model, expected = perturbed_method(CONFIGS[key], tiny_model_dir, ids, mask)
     method.save(model, tmp_path)
     loaded = build_method(CONFIGS[key]).load(base(tiny_model_dir), tmp_path)
     # p-tuning saves the encoder's output (one matmul chain fewer at load): fp32 tolerance.

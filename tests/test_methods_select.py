@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import torch_globals_preserved
-from method_checks import L, base, in_out, method_logits, model_logits, perturb_trainable_
+from method_checks import L, base, in_out, method_logits, model_logits, perturbed_method
 from tunekit.config import ConfigError, SelectMethod, load_config
 from tunekit.engine import train
 from tunekit.engine.batching import BatchStream
@@ -178,10 +178,7 @@ def test_fresh_select_gives_the_base_logits_exactly(tiny_model_dir, prompt_ids, 
 
 @pytest.mark.parametrize("key", CONFIGS)
 def test_save_load_round_trip_and_merge(tiny_model_dir, prompt_ids, tmp_path, key):
-    method = build_method(CONFIGS[key])
-    model = method.apply(base(tiny_model_dir))
-    perturb_trainable_(model)
-    expected = method_logits(method, model, prompt_ids)
+    method, model, expected = perturbed_method(CONFIGS[key], tiny_model_dir, prompt_ids)
     assert float((expected - model_logits(base(tiny_model_dir), prompt_ids)).abs().max()) > 1e-3
     method.save(model, tmp_path)
     (tmp_path / "config.yaml").write_text(f"method: {json.dumps(CONFIGS[key].model_dump(mode='json'))}\n")
