@@ -17,8 +17,13 @@ from .demo.scoring import format_table, parse_json_output, score_predictions
 
 def load_eval_records(source: str, require_answer: bool = True) -> list[tuple[list[dict], str | None]]:
     """(prompt messages, reference answer or None) per record of `source`."""
+    return eval_pairs(read_records(source), require_answer)
+
+
+def eval_pairs(records: list, require_answer: bool = True) -> list[tuple[list[dict], str | None]]:
+    """(prompt messages, reference answer or None) per Record: the last assistant turn is the answer."""
     pairs = []
-    for record in read_records(source):
+    for record in records:
         ex = normalise_record(record, train_on="completion" if require_answer else "all")
         if ex.messages is None:
             raise DataError("evaluation needs prompt/answer records, not raw text", file=record.file, line=record.line)

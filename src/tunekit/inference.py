@@ -19,6 +19,23 @@ def inference_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def tokenizer_source(model: str, adapter: str | None) -> str:
+    """Where the tokenizer of model + adapter comes from: the adapter / run folder when it saved one, else the model."""
+    return str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
+
+
+def left_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, max_len), left-padded: every row's last token sits at the same position,
+    where generation starts."""
+    width = max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, x in enumerate(sequences):
+        ids[row, width - len(x):] = torch.tensor(x)
+        mask[row, width - len(x):] = 1
+    return ids, mask
+
+
 def load_for_inference(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
                        merge: bool = False):
     """(model, tokenizer) ready for generation. `adapter` is a tunekit run folder or any PEFT adapter folder.
@@ -30,12 +47,9 @@ def load_for_inference(model: str, adapter: str | None = None, device: str = "au
     if dev.type == "cpu":
         keep_freed_memory()
     base = load_model(model, dtype="float32", device=dev)
-    tok_source = model
     if adapter is not None:
         base = attach_adapter(base, Path(adapter), dev, merge)
-        if (Path(adapter) / "tokenizer_config.json").exists():
-            tok_source = str(adapter)
-    tokenizer = load_tokenizer(tok_source)
+    tokenizer = load_tokenizer(tokenizer_source(model, adapter))
     base = base.to(inference_dtype(dtype, dev))
     base.eval()
     return base, tokenizer
@@ -96,13 +110,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        # Left padding: every row's last prompt token sits at the same position, where generation starts.
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = left_padded([encoded[i] for i in idx], pad)
+        width = ids.shape[1]
         sample = temperature > 0
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,

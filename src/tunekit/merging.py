@@ -52,6 +52,7 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
           quiet: bool = False) -> MergeResult:
     """Merge the run folder / adapter at `adapter` into its base model (`model`, default: the one it was trained
     on) and write a plain transformers folder to `out` with weights in `dtype` (float32, bfloat16, float16)."""
+    from .inference import tokenizer_source
     from .methods import MethodError, method_for_folder
     from .models import load_model, load_tokenizer
 
@@ -79,8 +80,7 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
     config = merged.config
     config.dtype = DTYPES[dtype]
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tok_source = str(run_dir) if (run_dir / "tokenizer_config.json").exists() else model_name
-    load_tokenizer(tok_source).save_pretrained(out_dir)
+    load_tokenizer(tokenizer_source(model_name, str(run_dir))).save_pretrained(out_dir)
     result = MergeResult(str(out_dir), method.name, model_name, dtype, note)
     (out_dir / MERGE_INFO).write_text(json.dumps({**asdict(result), "adapter": str(run_dir)}, indent=2) + "\n")
     return result

@@ -396,16 +396,25 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 freeze_layers=min(freeze_layers, layers))
 
 
+def mean_example_length(stats) -> float:
+    """Mean tokens per example of prepared data (DataStats)."""
+    return stats.total_tokens / max(stats.n_train + stats.n_val, 1)
+
+
+def student_plan(cfg, stats, device, precision: str) -> MemoryPlan:
+    """The plan of the run `cfg` on its prepared data, for a torch device and the loop's resolved precision."""
+    return plan_for_run(cfg, mean_example_length(stats), stats.label_tokens / stats.total_tokens,
+                        "cuda" if device.type == "cuda" else "cpu", precision if precision in ("bf16", "fp32") else "fp32")
+
+
 def warn_if_over_free_memory(cfg, stats, device, precision: str) -> str | None:
     """One warning line when the plan of this run exceeds the free memory of `device` (None if it fits or the
     plan cannot be made, e.g. for a hub model not downloaded yet)."""
     if not stats.n_train or not stats.total_tokens:
         return None
     try:
-        p = plan_for_run(cfg, stats.total_tokens / max(stats.n_train + stats.n_val, 1),
-                         stats.label_tokens / stats.total_tokens, "cuda" if device.type == "cuda" else "cpu",
-                         precision if precision in ("bf16", "fp32") else "fp32")
-    except (PlanError, OSError, ValueError):
+        p = student_plan(cfg, stats, device, precision)
+    except (OSError, ValueError):  # PlanError is a ValueError
         return None
     free = free_memory_bytes(str(device))
     if free is None or p.total <= free:
@@ -415,7 +424,7 @@ def warn_if_over_free_memory(cfg, stats, device, precision: str) -> str | None:
             f"shows the terms; train.plan_check false silences this)")
 
 
-def teacher_bytes(teacher: str, precision: str, tokens: int, device: str = "cpu") -> int:
+def teacher_bytes(teacher: str, precision: str, tokens: int) -> int:
     """Memory a frozen teacher adds to a distillation run: its weights (the whole model in bf16 under bf16
     precision, else fp32) plus the transient activations of one no-grad forward pass over `tokens` tokens
     (about two layers' worth of hidden and MLP tensors are alive at once, and the (N, H) final hidden states)."""
@@ -431,12 +440,10 @@ def check_teacher_fits(cfg, stats, device, precision: str) -> None:
     """Raise PlanError before loading anything heavy when student plan + teacher exceed the free memory."""
     if not stats.n_train or not stats.total_tokens:
         return
-    dev = "cuda" if device.type == "cuda" else "cpu"
-    prec = precision if precision in ("bf16", "fp32") else "fp32"
-    mean_len = stats.total_tokens / max(stats.n_train + stats.n_val, 1)
     try:
-        student = plan_for_run(cfg, mean_len, stats.label_tokens / stats.total_tokens, dev, prec).total
-        teacher = teacher_bytes(cfg.distill.teacher, prec, round(mean_len * cfg.train.batch_size), dev)
+        student = student_plan(cfg, stats, device, precision).total
+        teacher = teacher_bytes(cfg.distill.teacher, precision,
+                                round(mean_example_length(stats) * cfg.train.batch_size))
     except (OSError, ValueError) as e:  # a hub teacher not downloaded yet: nothing to plan from
         print(f"[tunekit] memory plan skipped: {e}", flush=True)
         return

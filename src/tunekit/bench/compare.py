@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import METHOD_NAMES, load_config
 from ..demo.invoices import write_demo_dataset
 from ..demo.pipeline import MAX_NEW_TOKENS, PRESET
-from ..demo.scoring import format_table
+from ..demo.scoring import format_table, markdown_table
 
 # Per-method settings on top of the demo preset: the method, and a learning rate of the usual size for it.
 METHOD_SETTINGS: dict[str, dict] = {
@@ -133,11 +133,9 @@ def write_outputs(rows: list[dict], out_dir: Path, budget: str) -> None:
     columns = COLUMNS + (["groups"] if any(r.get("groups") for r in rows) else [])
     table = format_table(rows, columns)
     print(f"\n{budget}\n{table}\n", flush=True)
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        md.append("| " + " | ".join(_md_cell(c, r.get(c)) for c in columns) + " |")
-    print("\n".join(md) + "\n", flush=True)
-    (out_dir / "compare.md").write_text(f"Budget: {budget}\n\n" + "\n".join(md) + "\n")
+    md = markdown_table(rows, columns, _md_cell)
+    print(md + "\n", flush=True)
+    (out_dir / "compare.md").write_text(f"Budget: {budget}\n\n" + md + "\n")
     (out_dir / "compare.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
     plot(rows, out_dir / "compare.png", budget)
 

@@ -92,6 +92,13 @@ def _cell(column: str, value: object) -> str:
     return str(value)
 
 
+def markdown_table(rows: list[dict], columns: list[str], cell) -> str:
+    """A Markdown table; `cell(column, value)` formats each value (value None for a missing key)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table: header, a dashed separator, one line per row.
 

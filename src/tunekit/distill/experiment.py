@@ -25,7 +25,7 @@ import yaml
 
 from ..demo.invoices import write_demo_dataset
 from ..demo.pipeline import MAX_NEW_TOKENS, PRESET
-from ..demo.scoring import format_table
+from ..demo.scoring import format_table, markdown_table
 from ..evaluate import score_text
 
 MODES = ("sft", "offline", "logit", "on-policy")
@@ -155,10 +155,8 @@ def write_outputs(rows: list[dict], out_dir: Path, teacher_em: float, budget: st
         r["of teacher"] = r["exact_match"] / teacher_em if teacher_em else None
     table = format_table(rows, COLUMNS)
     print(f"\n{budget}\n{table}\n", flush=True)
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        md.append("| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |")
-    (out_dir / "distill.md").write_text(f"Budget: {budget}\n\n" + "\n".join(md) + "\n")
+    md = markdown_table(rows, COLUMNS, _cell)
+    (out_dir / "distill.md").write_text(f"Budget: {budget}\n\n" + md + "\n")
     (out_dir / "distill.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
 
 

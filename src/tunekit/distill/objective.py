@@ -20,6 +20,7 @@ from torch import nn
 from ..engine.batching import IGNORE, Batch, collate_packed, collate_padded
 from ..engine.device import autocast
 from ..engine.objective import Objective
+from ..inference import left_padded, stop_token_ids, tokenizer_source
 from .losses import KDSpec, kd_loss_sum
 from .teacher import DistillError, check_same_tokenizer, load_teacher, teacher_hidden_states
 
@@ -28,10 +29,10 @@ def sequences_of(batch: Batch) -> list[tuple[list[int], list[int]]]:
     """(input_ids, targets) of every sequence in a packed (1, T) or right-padded (B, T) batch."""
     out = []
     for row in range(batch.input_ids.shape[0]):
-        ids, tgt, pos = batch.input_ids[row], batch.targets[row], batch.position_ids[row]
+        ids, tgt, pos = (t[row].tolist() for t in (batch.input_ids, batch.targets, batch.position_ids))
         n = int(batch.attention_mask[row].sum()) if batch.attention_mask is not None else len(ids)
-        starts = [i for i in range(n) if int(pos[i]) == 0] + [n]
-        out += [(ids[a:b].tolist(), tgt[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+        starts = [i for i in range(n) if pos[i] == 0] + [n]
+        out += [(ids[a:b], tgt[a:b]) for a, b in zip(starts, starts[1:])]
     return out
 
 
@@ -58,13 +59,11 @@ class DistillObjective(Objective):
         # Student samples: no gold label exists, so no CE term.
         self.sample_spec = KDSpec(divergence, 0.0, d.temperature, d.beta, sampled=d.on_policy_loss == "sampled")
         self.supports_compile = d.mode != "on-policy"  # generation with a KV cache would recompile the layers
-        teacher_tok_source = d.teacher_adapter if d.teacher_adapter and _has_tokenizer(d.teacher_adapter) else d.teacher
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_tok_source), cfg.model.name, d.teacher)
+        check_same_tokenizer(tokenizer, load_tokenizer(tokenizer_source(d.teacher, d.teacher_adapter)), cfg.model.name,
+                             d.teacher)
         self.device, self.precision = device, precision
         self.teacher = load_teacher(d.teacher, d.teacher_adapter, device, precision, cfg.model.attn_implementation)
         self.t_head = self.teacher.get_output_embeddings()
-        from ..inference import stop_token_ids
-
         self.stop_ids = stop_token_ids(tokenizer)
         self.packing = cfg.data.packing
         self.n_sampled = self.n_gold = 0
@@ -88,12 +87,8 @@ class DistillObjective(Objective):
         """One sampled completion per prompt from the student as it is now (eval mode: no dropout)."""
         generator = model if hasattr(model, "generate") else method.causal_lm(model)
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: generation starts at the same position in every row
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_padded(prompts, pad)
+        width = ids.shape[1]
         was_training = model.training
         model.eval()
         try:
@@ -137,8 +132,3 @@ class DistillObjective(Objective):
             rows["Micro-batches sampled / gold"] = f"{self.n_sampled} / {self.n_gold}"
         return rows
 
-
-def _has_tokenizer(path: str) -> bool:
-    from pathlib import Path
-
-    return (Path(path) / "tokenizer_config.json").exists()

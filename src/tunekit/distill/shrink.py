@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..methods import count_parameters
 from ..methods.targets import decoder_layers
 from .teacher import DistillError
 
@@ -39,10 +40,6 @@ def layers_to_keep(n_layers: int, every: int | None = None, layers: list[int] | 
     return sorted({round(i * (n_layers - 1) / (count - 1)) for i in range(count)})
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def drop_layers_(model: nn.Module, keep: list[int]) -> nn.Module:
     """Keep only the decoder layers `keep` in `model` (mutates it), renumbering what indexes the KV cache."""
     config = model.config.get_text_config()
@@ -63,7 +60,7 @@ def drop_layers_(model: nn.Module, keep: list[int]) -> nn.Module:
 def shrink(model: str, out: str, every: int | None = None, layers: list[int] | None = None,
            adapter: str | None = None, dtype: str = "float32") -> dict:
     """Write a student (a transformers model folder) with the kept layers of `model` (+ `adapter`, merged first)."""
-    from ..inference import attach_adapter
+    from ..inference import attach_adapter, tokenizer_source
     from ..models import DTYPES, load_model, load_tokenizer
 
     t0 = time.perf_counter()
@@ -72,13 +69,13 @@ def shrink(model: str, out: str, every: int | None = None, layers: list[int] | N
         teacher = attach_adapter(teacher, Path(adapter), torch.device("cpu"), merge=True)
     n_layers = teacher.config.get_text_config().num_hidden_layers
     keep = layers_to_keep(n_layers, every, layers)
-    teacher_params = count_params(teacher)
+    teacher_params = count_parameters(teacher)[1]
     student = drop_layers_(teacher, keep).to(DTYPES[dtype])
-    student_params = count_params(student)
+    student_params = count_parameters(student)[1]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir, safe_serialization=True)
-    tok = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model)
+    tok = load_tokenizer(tokenizer_source(model, adapter))
     tok.save_pretrained(out_dir)
     report = {"teacher": model, "teacher_adapter": adapter, "teacher_layers": n_layers, "kept_layers": keep,
               "teacher_params": teacher_params, "student_params": student_params,

@@ -63,13 +63,15 @@ def done_indices(out: Path) -> set[int]:
 
 def write_teacher_data(d, source: str, out: str, device: str = "auto", progress: bool = True) -> Path:
     """Answer every prompt of `source` with the teacher of distill config `d`; returns the JSONL path."""
-    from ..evaluate import load_eval_records
+    from ..data import read_records
+    from ..evaluate import eval_pairs
     from ..inference import generate, load_for_inference
 
     out_path = Path(out)
     meta_path = out_path.with_name(out_path.name + ".meta.json")
     settings = generation_settings(d, source)
-    records = load_eval_records(source, require_answer=False)
+    raw = read_records(source)
+    records = eval_pairs(raw, require_answer=False)
     done: set[int] = set()
     if out_path.exists():
         previous = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -85,9 +87,6 @@ def write_teacher_data(d, source: str, out: str, device: str = "auto", progress:
     meta_path.write_text(json.dumps({"settings": settings, "n_prompts": len(records),
                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     model, tokenizer = load_for_inference(d.teacher, d.teacher_adapter, device=device)
-    from ..data import read_records
-
-    origins = [(r.file, r.line) for r in read_records(source)]
     print(f"[tunekit] teacher data: {len(todo)} of {len(records)} prompts to answer -> {out_path}"
           + (f" (resuming: {len(done)} done)" if done else ""), flush=True)
     t0, n_tokens, n_empty = time.perf_counter(), 0, 0
@@ -100,7 +99,7 @@ def write_teacher_data(d, source: str, out: str, device: str = "auto", progress:
             for i, reply in zip(idx, replies):
                 prompt = [{"role": m["role"], "content": m["content"]} for m in records[i][0]]
                 row = {"messages": prompt + [{"role": "assistant", "content": reply}],
-                       "provenance": {"index": i, "file": origins[i][0], "line": origins[i][1],
+                       "provenance": {"index": i, "file": raw[i].file, "line": raw[i].line,
                                       "teacher": d.teacher, "teacher_adapter": d.teacher_adapter}}
                 n_empty += not reply.strip()
                 (f if reply.strip() else rej).write(json.dumps(row, ensure_ascii=False) + "\n")

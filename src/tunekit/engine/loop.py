@@ -31,8 +31,7 @@ from .energy import EnergyMeter
 from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
-from .loss import label_only_loss_sum
-from .objective import build_objective
+from .objective import build_objective, gold_loss_sum
 from .metrics import MetricsLog, Progress, Sinks, read_metrics
 from .schedule import build_optimizer, build_scheduler
 
@@ -95,9 +94,7 @@ def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_i
     with torch.no_grad(), autocast(device, precision):
         head = method.lm_head(model)
         for batch in eval_batches(examples, batch_size, packing, pad_id):
-            b = batch.to(device)
-            hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
-            loss_sum, n = label_only_loss_sum(hidden, head, b.targets)
+            loss_sum, n = gold_loss_sum(model, method, head, batch.to(device))
             total, count = total + float(loss_sum), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -105,10 +102,8 @@ def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_i
 
 def micro_batch_loss(model, batch, method, device, precision) -> tuple[torch.Tensor, int]:
     """(summed label loss, targets) of one micro-batch, the forward of a training step (for Method.prepare)."""
-    b = batch.to(device)
     with autocast(device, precision):
-        hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
-        return label_only_loss_sum(hidden, method.lm_head(model), b.targets)
+        return gold_loss_sum(model, method, method.lm_head(model), batch.to(device))
 
 
 def total_steps_for(cfg: Config, n_train: int) -> int:

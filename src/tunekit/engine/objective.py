@@ -14,6 +14,13 @@ from .batching import Batch
 from .loss import label_only_loss_sum
 
 
+def gold_loss_sum(model: nn.Module, method, head: nn.Module, b: Batch) -> tuple[torch.Tensor, int]:
+    """(cross-entropy summed over b's label tokens, their count): the forward of SFT, of evaluation and of a
+    method's scoring pass (Method.prepare)."""
+    hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
+    return label_only_loss_sum(hidden, head, b.targets)
+
+
 class Objective:
     """Plain supervised fine-tuning: cross-entropy on the label tokens."""
 
@@ -26,9 +33,7 @@ class Objective:
 
     def loss_sum(self, model: nn.Module, method, head: nn.Module, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss summed over b's target tokens, {part name: summed value} for the metrics log)."""
-        hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)
-        loss_sum, _ = label_only_loss_sum(hidden, head, b.targets)
-        return loss_sum, {}
+        return gold_loss_sum(model, method, head, b)[0], {}
 
     def report(self) -> dict[str, str | int | float]:
         """Rows for the run card; {} for plain SFT."""
