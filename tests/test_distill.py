@@ -138,24 +138,28 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_logit_kd_with_alpha_one_is_plain_sft(make_config, tmp_path, student_dir, teacher_dir):
-    """alpha=1 leaves only the CE term: the same losses as `tunekit train` (a check of the KD path's CE)."""
+@pytest.mark.parametrize("kd_on", ["completion", "all"])
+def test_logit_kd_with_alpha_one_is_plain_sft(make_config, tmp_path, student_dir, teacher_dir, kd_on):
+    """alpha=1 leaves only the CE term: the same losses as `tunekit train` (a check of the KD path's CE, which
+    stays on the labels when the KD term covers every token)."""
     from tunekit.engine import train
 
     with torch_globals_preserved():
         sft = train(make_config(tmp_path / "sft", {"model.name": str(student_dir), "method.name": "full",
                                                    "optim.lr": 1e-3, "train.max_steps": 3}))
-        kd = distill(distill_config(make_config, tmp_path / "kd", teacher_dir, student_dir, mode="logit", alpha=1.0))
+        kd = distill(distill_config(make_config, tmp_path / "kd", teacher_dir, student_dir, mode="logit", alpha=1.0,
+                                    kd_on=kd_on))
     a = [m["loss"] for m in metrics(Path(sft.run_dir)) if "loss" in m]
     b = [m["loss"] for m in metrics(Path(kd.run_dir)) if "loss" in m]
     assert len(a) == 3
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
-def test_logit_kd_of_a_model_into_itself_has_zero_divergence(make_config, tmp_path, student_dir):
+@pytest.mark.parametrize("kd_on", ["completion", "all"])
+def test_logit_kd_of_a_model_into_itself_has_zero_divergence(make_config, tmp_path, student_dir, kd_on):
     with torch_globals_preserved():
         result = distill(distill_config(make_config, tmp_path / "kd", student_dir, student_dir, mode="logit",
-                                        alpha=0.5, divergence="jsd", temperature=2.0,
+                                        alpha=0.5, divergence="jsd", temperature=2.0, kd_on=kd_on,
                                         **{"max_new_tokens": 8}))
     first = next(m for m in metrics(Path(result.run_dir)) if "loss" in m)
     assert abs(first["loss_kd"]) < 1e-4  # step 1: the student is still the teacher
@@ -192,6 +196,22 @@ def test_on_policy_trains_on_the_students_samples(make_config, tmp_path, student
     assert all("loss_ce" not in m for m in rows)  # no gold labels on sampled completions
     card = (Path(result.run_dir) / "README.md").read_text()
     assert "| Micro-batches sampled / gold | 3 / 0 |" in card and f"| On-policy loss | {estimator} |" in card
+
+
+def test_on_policy_warm_up_trains_on_gold_first_then_samples(make_config, tmp_path, student_dir, teacher_dir):
+    """The warm-up steps are logit-mode steps (same losses), the steps after it sample."""
+    with torch_globals_preserved():
+        logit = distill(distill_config(make_config, tmp_path / "kd", teacher_dir, student_dir, mode="logit",
+                                       divergence="reverse_kl", alpha=0.4))
+        op = distill(distill_config(make_config, tmp_path / "op", teacher_dir, student_dir, mode="on-policy",
+                                    alpha=0.4, on_policy_warmup_steps=2, max_new_tokens=6))
+    a = [m for m in metrics(Path(logit.run_dir)) if "loss" in m]
+    b = [m for m in metrics(Path(op.run_dir)) if "loss" in m]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in b[:2]]), torch.tensor([m["loss"] for m in a[:2]]),
+                               rtol=1e-5, atol=1e-6)
+    assert "loss_ce" in b[1] and "loss_ce" not in b[2]  # step 3 trains on the student's own samples
+    card = (Path(op.run_dir) / "README.md").read_text()
+    assert "| Micro-batches sampled / gold | 1 / 2 |" in card and "| Gold-only warm-up steps | 2 |" in card
 
 
 def test_offline_writes_resumable_teacher_data_with_provenance_then_trains(make_config, tmp_path, student_dir,

@@ -48,15 +48,17 @@ def reference_loss(hs, w_s, ht, w_t, targets, spec):
         s_lp = s_logits.log_softmax(-1)[rows, targets]
         t_lp = t_logits.log_softmax(-1)[rows, targets]
         return ((s_lp - t_lp).detach() * s_lp).sum(), (s_lp - t_lp).sum()
-    kd = (divergence(s_logits / T, t_logits / T, spec.divergence, spec.beta) * T * T).sum()
-    loss = (1 - spec.alpha) * kd + spec.alpha * F.cross_entropy(s_logits, targets, reduction="sum")
+    kd = (divergence(s_logits / T, t_logits / T, spec.divergence, spec.beta) * T * T).sum() * spec.kd_scale
+    loss = (1 - spec.alpha) * kd + spec.alpha * F.cross_entropy(s_logits, targets, reduction="sum",
+                                                                ignore_index=-100)
     return loss, loss
 
 
 @pytest.mark.parametrize("spec", [KDSpec("forward_kl", alpha=0.5, temperature=2.0),
                                   KDSpec("reverse_kl", alpha=0.0, temperature=1.0),
                                   KDSpec("jsd", alpha=0.3, temperature=1.5, beta=0.7),
-                                  KDSpec("reverse_kl", alpha=0.0, sampled=True)], ids=lambda s: repr(s)[6:40])
+                                  KDSpec("reverse_kl", alpha=0.0, sampled=True),
+                                  KDSpec("forward_kl", alpha=0.4, kd_scale=0.3)], ids=lambda s: repr(s)[6:40])
 @pytest.mark.parametrize("train_head", [False, True])
 def test_chunked_loss_matches_full_logits(spec, train_head):
     g = torch.Generator().manual_seed(2)
@@ -66,6 +68,8 @@ def test_chunked_loss_matches_full_logits(spec, train_head):
     s_head, t_head = nn.Linear(H, V, bias=False).double(), nn.Linear(Ht, V + 3, bias=False).double()  # teacher V padded
     s_head.weight.requires_grad_(train_head)
     targets = torch.randint(0, V, (N,), generator=g)
+    if spec.kd_scale != 1.0:  # kd_on=all: prompt positions carry KD but no label
+        targets[::3] = -100
 
     value, parts = kd_loss_sum(hs, s_head, ht, t_head, targets, spec, chunk_rows=10)
     value.backward()

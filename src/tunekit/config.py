@@ -354,10 +354,16 @@ class DistillConfig(Section):
     divergence: Literal["auto", "forward_kl", "reverse_kl", "jsd"] = Field(
         "auto", description="D: forward KL(teacher||student) (mode covering), reverse KL(student||teacher) (mode "
         "seeking), or generalized JSD(beta). auto: forward_kl for logit, reverse_kl for on-policy.")
+    kd_on: Literal["completion", "all"] = Field(
+        "completion", description="Positions of the KD term on gold batches: completion = the labelled tokens; all = "
+        "every token, prompt included (the teacher's distribution is known there too), scaled to count as many "
+        "tokens as the labels; the CE term stays on the labels.")
     beta: float = Field(0.5, gt=0, lt=1, description="JSD(beta) = beta*KL(T||M) + (1-beta)*KL(S||M), "
                         "M = beta*T + (1-beta)*S (Agarwal et al. 2023).")
     on_policy_fraction: float = Field(1.0, ge=0, le=1, description="on-policy: share of micro-batches the student "
                                       "samples (lambda in GKD); the rest train on the gold data as in logit mode.")
+    on_policy_warmup_steps: int = Field(0, ge=0, description="on-policy: the first N optimizer steps train on gold "
+                                        "micro-batches only (as in logit mode) before the student starts sampling.")
     on_policy_loss: Literal["full", "sampled"] = Field(
         "full", description="on-policy: full = D over the whole vocabulary at each sampled position (GKD); sampled = "
         "per-token reverse KL log p_s(x) - log p_t(x) of the sampled tokens only, as a policy-gradient "

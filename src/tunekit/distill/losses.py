@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.batching import IGNORE
 from ..engine.loss import cached_weight_cast
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -45,9 +46,11 @@ def divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str, beta: 
 
 @dataclass(frozen=True)
 class KDSpec:
-    """What to compute on each label position.
+    """What to compute on each position.
 
     loss = alpha * CE(student, target) + (1 - alpha) * T^2 * D(teacher_T || student_T)   ("full")
+    where the CE term counts only positions with a target (!= IGNORE): with distill.kd_on=all the KD term also
+    covers the prompt tokens, whose target is IGNORE.
     or, with sampled=True (on-policy, tokens drawn from the student): the per-token reverse KL estimate
     log s(x) - log t(x) of the sampled token x, whose gradient is the policy gradient sg(log s(x) - log t(x)) *
     d log s(x) (the expectation of d log s(x) itself is zero, so it is left out).
@@ -58,6 +61,7 @@ class KDSpec:
     temperature: float = 1.0
     beta: float = 0.5
     sampled: bool = False
+    kd_scale: float = 1.0  # multiplies the KD sum (kd_on=all: labelled / distilled positions of the batch)
 
 
 def chunk_objective(s_logits: torch.Tensor, t_logits: torch.Tensor, targets: torch.Tensor, spec: KDSpec):
@@ -69,11 +73,11 @@ def chunk_objective(s_logits: torch.Tensor, t_logits: torch.Tensor, targets: tor
         rkl = (s_lp - t_lp).detach()
         return (rkl * s_lp).sum(), {"kd": rkl.sum()}
     T = spec.temperature
-    kd = divergence(s_logits / T, t_logits / T, spec.divergence, spec.beta).sum() * T * T
+    kd = divergence(s_logits / T, t_logits / T, spec.divergence, spec.beta).sum() * (T * T * spec.kd_scale)
     parts = {"kd": kd.detach()}
     objective = (1 - spec.alpha) * kd
     if spec.alpha > 0:
-        ce = F.cross_entropy(s_logits, targets, reduction="sum")
+        ce = F.cross_entropy(s_logits, targets, ignore_index=IGNORE, reduction="sum")
         parts["ce"] = ce.detach()
         objective = objective + spec.alpha * ce
     return objective, parts
@@ -82,10 +86,11 @@ def chunk_objective(s_logits: torch.Tensor, t_logits: torch.Tensor, targets: tor
 def kd_loss_sum(s_hidden: torch.Tensor, s_head: torch.nn.Module, t_hidden: torch.Tensor, t_head: torch.nn.Module,
                 targets: torch.Tensor, spec: KDSpec, chunk_rows: int | None = None,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Distillation loss summed over N label positions, and its parts (ce, kd sums) for logging.
+    """Distillation loss summed over N positions, and its parts (ce, kd sums) for logging.
 
     s_hidden (N, H) student hidden states (with grad), t_hidden (N, H_t) teacher hidden states (no grad),
-    targets (N,) the token each position predicts (gold label, or the student's sample on-policy). Both heads
+    targets (N,) the token each position predicts (gold label, or the student's sample on-policy; IGNORE at
+    positions distilled without a label, which the CE term skips; the sampled estimator needs a target everywhere). Both heads
     must be plain linear layers over the same vocabulary (the tokenizer check in distill/teacher.py ensures it);
     a head padded to a larger V is cut to the smaller one.
 

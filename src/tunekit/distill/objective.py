@@ -1,7 +1,7 @@
 """The loop's objective for online distillation: logit KD on the gold data, or on-policy on the student's samples.
 
 logit      loss = alpha * CE(gold) + (1 - alpha) * T^2 * D(teacher || student) on the label positions
-           (Hinton et al. 2015; D selectable, see losses.py).
+           (Hinton et al. 2015; D selectable, see losses.py); with kd_on=all, D also on the prompt tokens.
 on-policy  the student samples a completion for each prompt of the micro-batch; the teacher scores exactly those
            tokens; loss = D(teacher || student) per sampled position, reverse KL by default: GKD with lambda = 1
            (Agarwal et al. 2023, "On-Policy Distillation of Language Models"), or with on_policy_loss=sampled the
@@ -12,6 +12,7 @@ on-policy  the student samples a completion for each prompt of the micro-batch; 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -69,8 +70,11 @@ class DistillObjective(Objective):
         self.n_sampled = self.n_gold = 0
 
     # --- on-policy: replace the gold completions with the student's samples -------------------------------------
-    def prepare(self, batch: Batch, model: nn.Module, method) -> Batch:
-        if self.mode != "on-policy" or random.random() >= self.cfg.on_policy_fraction:
+    def prepare(self, batch: Batch, model: nn.Module, method, step: int) -> Batch:
+        # Before on_policy_warmup_steps the student learns from gold batches only (GKD starts from a student that
+        # was first fine-tuned on the task: a student that cannot yet answer samples noise the teacher cannot fix).
+        warming_up = step < self.cfg.on_policy_warmup_steps
+        if self.mode != "on-policy" or warming_up or random.random() >= self.cfg.on_policy_fraction:
             self.n_gold += 1
             return batch
         self.n_sampled += 1
@@ -110,10 +114,16 @@ class DistillObjective(Objective):
         if type(head) is not nn.Linear or type(self.t_head) is not nn.Linear:
             raise DistillError(f"distillation needs plain linear LM heads; the {method.name} method replaced the "
                                f"student's head with {type(head).__name__}")
-        keep = b.targets != IGNORE  # (B, T)
+        labelled = b.targets != IGNORE  # (B, T)
+        spec = self.sample_spec if b.sampled else self.gold_spec
+        keep = labelled
+        if self.cfg.kd_on == "all" and not b.sampled:
+            # Every real token, prompt included: the teacher's distribution there is free extra signal that repairs
+            # a damaged (shrunk) student's language model; scaled so the KD sum counts as many tokens as the labels.
+            keep = b.attention_mask.bool() if b.attention_mask is not None else torch.ones_like(labelled)
+            spec = replace(spec, kd_scale=float(labelled.sum()) / max(1, int(keep.sum())))
         hidden = method.hidden_states(model, b.input_ids, b.position_ids, b.attention_mask)[keep]  # (N, H)
         t_hidden = teacher_hidden_states(self.teacher, b.input_ids, b.position_ids, b.attention_mask)[keep]  # (N, H_t)
-        spec = self.sample_spec if b.sampled else self.gold_spec
         loss_sum, parts = kd_loss_sum(hidden, head, t_hidden, self.t_head, b.targets[keep], spec)
         return loss_sum, parts
 
@@ -124,11 +134,14 @@ class DistillObjective(Objective):
             "Teacher": d.teacher + (f" + {d.teacher_adapter}" if d.teacher_adapter else ""),
             "Divergence": self.gold_spec.divergence + (f" (beta={d.beta})" if self.gold_spec.divergence == "jsd" else ""),
             "KD temperature": d.temperature,
+            "KD on": "completion tokens" if d.kd_on == "completion" else "all tokens (prompt too) of gold batches",
         }
         if d.mode == "logit" or d.on_policy_fraction < 1:
             rows["CE weight alpha"] = d.alpha
         if d.mode == "on-policy":
             rows["On-policy loss"] = d.on_policy_loss
             rows["Micro-batches sampled / gold"] = f"{self.n_sampled} / {self.n_gold}"
+            if d.on_policy_warmup_steps:
+                rows["Gold-only warm-up steps"] = d.on_policy_warmup_steps
         return rows
 

@@ -208,7 +208,7 @@ def train(cfg: Config) -> TrainResult:
     with _StopFlag() as stop:
         while step < steps:
             t0 = time.perf_counter()
-            micro = [objective.prepare(next(stream), model, method) for _ in range(tc.grad_accum)]
+            micro = [objective.prepare(next(stream), model, method, step) for _ in range(tc.grad_accum)]
             # Token-weighted loss: every target token of the optimizer step weighs the same, however the
             # step is split into micro-batches (divide by the step's total, not each micro-batch's count).
             n_targets = sum(b.n_targets for b in micro)

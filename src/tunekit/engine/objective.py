@@ -27,8 +27,9 @@ class Objective:
     name = "sft"
     supports_compile = True  # whether the decoder layers may be torch.compiled under this objective
 
-    def prepare(self, batch: Batch, model: nn.Module, method) -> Batch:
-        """The micro-batch to train on (on the CPU, before it moves to the device)."""
+    def prepare(self, batch: Batch, model: nn.Module, method, step: int) -> Batch:
+        """The micro-batch to train on at optimizer step `step` (0-based; on the CPU, before it moves to the
+        device)."""
         return batch
 
     def loss_sum(self, model: nn.Module, method, head: nn.Module, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
