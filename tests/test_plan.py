@@ -56,6 +56,22 @@ def test_small_methods_by_hand(tiny_model_dir):
     assert plan(m, method="adapter", bottleneck=8).trainable_params == L * 2 * (2 * H * 8 + 8 + H)
 
 
+def test_select_budget_matches_the_methods_own_budget(tiny_model_dir, make_config):
+    """The plan's select budget is importance.budget_for's on the real groups (fraction, max_params, LoRA rank)."""
+    from tunekit.methods.importance import budget_for, parameter_groups
+    from tunekit.models import load_model
+    from tunekit.planner import plan_for_run
+
+    m = str(tiny_model_dir)
+    groups = parameter_groups(load_model(m, dtype="float32"), "all-linear")
+    assert plan(m, method="select", fraction=0.25).trainable_params == budget_for(groups, None, 0.25, None)
+    assert plan(m, method="select", fraction=0.25, select_rank=4).trainable_params == budget_for(groups, 4, 0.25, None)
+    assert plan(m, method="select", max_params=1000).trainable_params == 1000
+    cfg = make_config(tiny_model_dir / "unused", {"method.name": "select", "method.fraction": 0.5, "method.lora_r": 2})
+    run_plan = plan_for_run(cfg, 40, 0.3, "cpu")
+    assert run_plan.trainable_params == budget_for(groups, 2, 0.5, None) and run_plan.method == "select"
+
+
 def test_activations_scale_with_tokens_and_attention_is_quadratic_on_cpu(tiny_model_dir):
     m = str(tiny_model_dir)
     a1 = plan(m, seq_len=64, batch=1, device="cuda").activations
@@ -128,7 +144,10 @@ def saved_for_backward_bytes(model, method, ids, pos, targets) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "full"}])
+@pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "full"},
+                                  # every group selected: what the scoring pass keeps, the plan's select bound
+                                  {"name": "select", "strategy": "last", "score_batches": 0, "fraction": 1.0}],
+                         ids=["lora", "full", "select"])
 def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     """The activation formula against the tensors autograd really keeps (bf16 autocast, packed rows, CPU)."""
     import torch
@@ -154,6 +173,6 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     targets[:, : n_seq * seq_len // 2] = -100
     measured = saved_for_backward_bytes(model, method, ids, torch.arange(seq_len).repeat(n_seq)[None], targets)
     p = plan(str(tmp_path), method=spec["name"], rank=spec.get("r", 16), seq_len=seq_len, batch=n_seq,
-             label_fraction=0.5)
+             label_fraction=0.5, fraction=spec.get("fraction", 0.1))
     chunk = min(n_seq * seq_len // 2 * 512 * 4, LOSS_CHUNK_BYTES) * 2  # transient logits, not saved
     assert abs((p.activations - chunk) / measured - 1) < 0.03

@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", default="smollm2-135m",
                     help="config.json, model folder, preset (configs/models: llama-3.2-1b, llama-3.1-8b, llama-3.1-70b) "
                          "or packaged alias")
-    pl.add_argument("--method", default="lora", help="lora, qlora, dora, full, freeze, ia3, bitfit, prefix, prompt, "
-                                                     "ptuning, adapter")
+    pl.add_argument("--method", default="lora", help="lora, qlora, dora, full, freeze, select, ia3, bitfit, prefix, "
+                                                     "prompt, ptuning, adapter")
     pl.add_argument("--seq-len", type=int, default=512, help="mean tokens per training example")
     pl.add_argument("--batch", type=int, default=8, help="examples per micro-batch (train.batch_size)")
     pl.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning virtual tokens")
     pl.add_argument("--bottleneck", type=int, default=64, help="bottleneck adapter width")
     pl.add_argument("--freeze-layers", type=int, default=1, help="freeze: how many decoder layers train")
+    pl.add_argument("--fraction", type=float, default=0.1, help="select: budget as a share of all groups' cost")
+    pl.add_argument("--max-params", type=int, default=None, help="select: budget in trainable parameters")
+    pl.add_argument("--select-rank", type=int, default=None, help="select: LoRA rank on the selected modules "
+                                                                  "(default: full rank)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             result = api.plan(args.model, method=args.method, seq_len=args.seq_len, batch=args.batch, rank=args.rank,
                               target=args.target, precision=args.precision, device=args.device,
                               label_fraction=args.label_fraction, virtual_tokens=args.virtual_tokens,
-                              bottleneck=args.bottleneck, freeze_layers=args.freeze_layers)
+                              bottleneck=args.bottleneck, freeze_layers=args.freeze_layers, fraction=args.fraction,
+                              max_params=args.max_params, select_rank=args.select_rank)
             import json
 
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

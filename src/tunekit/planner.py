@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MODEL_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
-PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "ia3", "bitfit", "prefix", "prompt", "ptuning", "adapter")
+PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "select", "ia3", "bitfit", "prefix", "prompt", "ptuning",
+                "adapter")
 QLORA_BITS = 4 + 8 / 64 + 32 / (256 * 64)  # NF4 + 8-bit block scales + fp32 scale per 256 scales = 4.127
 LOSS_CHUNK_BYTES = 2**23 * 4  # engine/loss.py: chunks of 2**23 fp32 logits (32 MiB)
 CPU_OVERHEAD = 400 * 2**20  # measured: RSS after importing tunekit/torch/transformers/peft + tokenizer + demo data
@@ -209,10 +210,22 @@ class Trainable:
 
 
 def method_trainable(s: ModelShape, method: str, rank: int, target: str, virtual_tokens: int, bottleneck: int,
-                     freeze_layers: int, compute_bytes: int = 2) -> Trainable:
+                     freeze_layers: int, compute_bytes: int = 2, fraction: float | None = 0.1,
+                     max_params: int | None = None, select_rank: int | None = None) -> Trainable:
     lin = s.linears()
     targets = [t for t in TARGETS.get(target, ()) if t in lin]
     L = s.layers
+    if method == "select":
+        # The budget as methods/importance.budget_for counts it: a share of what training every (layer, module)
+        # group would cost (its weights, or a LoRA of select_rank on it). Which groups win is unknown before
+        # scoring, so the activations assume every group's input is kept: that is what the scoring pass holds
+        # (all group weights take gradients there) and an upper bound for the training steps after it.
+        cost = L * sum(select_rank * (lin[t][0] + lin[t][1]) if select_rank else lin[t][0] * lin[t][1]
+                       for t in targets)
+        budget = min(max_params, cost) if max_params else round((fraction or 0.1) * cost)
+        if select_rank:
+            return Trainable(adapter_params=budget, lora_inputs=tuple(targets), lora_rank=select_rank, grad_layers=L)
+        return Trainable(base_params=budget, lora_inputs=tuple(targets), grad_layers=L)
     if method in ("lora", "qlora", "dora"):
         per_layer = sum(rank * (lin[t][0] + lin[t][1]) + (lin[t][1] if method == "dora" else 0) for t in targets)
         return Trainable(adapter_params=L * per_layer, lora_inputs=tuple(targets), lora_rank=rank, grad_layers=L)
@@ -282,7 +295,8 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
 
 def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, batch: int = 8, rank: int = 16,
          target: str = "all-linear", precision: str = "bf16", device: str = "cpu", label_fraction: float = 0.5,
-         virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1) -> MemoryPlan:
+         virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1, fraction: float | None = 0.1,
+         max_params: int | None = None, select_rank: int | None = None) -> MemoryPlan:
     """Predicted peak memory of `tunekit train` for this model and method (see the module docstring)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
@@ -302,7 +316,8 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     if freeze_layers > s.layers:
         raise PlanError(f"freeze_layers {freeze_layers}: the model has {s.layers} layers")
     c = 2 if precision == "bf16" else 4
-    tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers, c)
+    tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers, c, fraction,
+                          max_params, select_rank)
     n_trainable = tr.adapter_params + tr.base_params
     notes: list[str] = []
 
@@ -320,6 +335,9 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     if method == "dora":
         notes.append("dora: each forward also builds W + BA per adapted layer for the weight norm (one layer at a "
                      "time, not counted)")
+    if method == "select":
+        notes.append("select: the selected groups are known only after scoring; activations assume every group's "
+                     "input is kept (the scoring pass), gradients and optimizer state the whole budget")
     if method == "qlora":
         notes.append(f"qlora: linear layers at {QLORA_BITS:.3f} bits per weight (NF4, block 64, double quant)")
 
@@ -336,7 +354,7 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
         notes.append(f"{method} trains on padded batches (no packing): {batch} rows of ~{width} tokens")
     full_layers = min(tr.full_layers, tr.grad_layers)
     saved = Trainable(lora_inputs=tr.lora_inputs, lora_rank=tr.lora_rank, extra_per_token=tr.extra_per_token)
-    plain = saved if method in ("lora", "qlora", "dora") else Trainable(extra_per_token=tr.extra_per_token)
+    plain = saved if method in ("lora", "qlora", "dora", "select") else Trainable(extra_per_token=tr.extra_per_token)
     acts = (full_layers * layer_saved_bytes(s, saved, tokens, batch, width, c, device, full=True)
             + (tr.grad_layers - full_layers) * layer_saved_bytes(s, plain, tokens, batch, width, c, device, full=False))
     if c == 2:  # autocast's bf16 copies of trained fp32 matmul weights, kept for backward
@@ -393,7 +411,8 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 precision=precision, device=device,
                 label_fraction=min(1.0, max(label_fraction, 1e-3)),
                 virtual_tokens=getattr(m, "num_virtual_tokens", 20), bottleneck=getattr(m, "bottleneck", 64),
-                freeze_layers=min(freeze_layers, layers))
+                freeze_layers=min(freeze_layers, layers), fraction=getattr(m, "fraction", None),
+                max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None))
 
 
 def mean_example_length(stats) -> float:

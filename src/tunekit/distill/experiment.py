@@ -18,7 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -43,20 +43,26 @@ def base_tree(student: str, train: Path, val: Path, out: Path, steps: int, batch
     return {"model": {"name": student},
             "data": {"train": str(train), "validation": str(val), "max_length": 512, "packing": True},
             "method": {"name": "full"},
-            "optim": {"lr": lr, "schedule": "cosine", "warmup_steps": 10, "max_grad_norm": 1.0},
+            "optim": {"lr": lr, "schedule": "cosine", "warmup_steps": max(10, steps // 12),
+                      "max_grad_norm": 1.0},
             "train": {"output_dir": str(out), "max_steps": steps, "batch_size": batch, "precision": "auto",
-                      "eval_every": 0, "save_every": 0, "progress": True, "seed": 0, "threads": threads}}
+                      "eval_every": max(1, steps // 4), "save_every": 0, "progress": True, "seed": 0, "threads": threads}}
 
 
-def distill_section(mode: str, teacher: str, adapter: str) -> dict | None:
+def distill_section(mode: str, teacher: str, adapter: str, steps: int) -> dict | None:
     common = {"teacher": teacher, "teacher_adapter": adapter, "max_new_tokens": MAX_NEW_TOKENS}
     return {
         "sft": None,
-        "offline": {"mode": "offline", **common},
-        "logit": {"mode": "logit", "alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", **common},
-        # GKD's recipe mixes student samples with gold batches; a student this broken at step 0 samples noise.
-        "on-policy": {"mode": "on-policy", "on_policy_fraction": 0.5, "alpha": 0.5, "divergence": "reverse_kl",
-                      **common},
+        # Batches of 64 prompts: CPU decoding is bound by reading the weights once per token, whatever the batch.
+        "offline": {"mode": "offline", "generate_batch_size": 64, **common},
+        # KD on every token: the shrunk student's language model is broken on the prompt text too, and the
+        # teacher's distribution there costs nothing extra (its forward covers the prompt anyway).
+        "logit": {"mode": "logit", "alpha": 0.5, "temperature": 1.0, "divergence": "forward_kl", "kd_on": "all",
+                  **common},
+        # GKD's recipe: the student first learns the task (here: the first half of the budget as in logit mode),
+        # then samples; a student this broken at step 0 samples noise that the teacher cannot correct (measured).
+        "on-policy": {"mode": "on-policy", "on_policy_fraction": 0.5, "on_policy_warmup_steps": steps // 2,
+                      "alpha": 0.5, "divergence": "reverse_kl", "kd_on": "all", **common},
     }[mode]
 
 
@@ -67,26 +73,31 @@ def run_cli(argv: list[str], log: Path) -> None:
         raise RuntimeError(f"tunekit {' '.join(argv)} failed; see {log}:\n{log.read_text()[-3000:]}")
 
 
-def budget_split(train: Path, out: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
-    """The first n_train records for training (each seen once in the budget), the next n_val for validation."""
-    lines = train.read_text().splitlines(keepends=True)
-    if len(lines) < n_train + n_val:
-        raise ValueError(f"{train} has {len(lines)} records; the budget needs {n_train} + {n_val} validation")
-    out.mkdir(parents=True, exist_ok=True)
+def budget_split(test: Path, out: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
+    """n_train demo invoices for training (each seen once in the budget) and the next n_val for validation, from
+    the demo generator's training stream (its first 1,200 are the teacher's own training data); none of them is
+    one of the `test` invoices."""
+    test_texts = {json.loads(x)["messages"][0]["content"] for x in test.read_text().splitlines()}
+    paths = write_demo_dataset(out / "generated", n_train=n_train + n_val + len(test_texts), n_test=1)
+    lines = [x for x in paths["train"].read_text().splitlines(keepends=True)
+             if json.loads(x)["messages"][0]["content"] not in test_texts][: n_train + n_val]
     (out / "train.jsonl").write_text("".join(lines[:n_train]))
-    (out / "val.jsonl").write_text("".join(lines[n_train : n_train + n_val]))
+    (out / "val.jsonl").write_text("".join(lines[n_train:]))
     return out / "train.jsonl", out / "val.jsonl"
 
 
 def run_study(out: str = "runs/distill", steps: int = 80, batch: int = 8, n_test: int = 100, lr: float = 2e-4,
               modes: tuple[str, ...] = MODES, teacher: str = "smollm2-135m", teacher_adapter: str = "runs/demo/lora",
-              every: int = 3, threads: int | None = None) -> list[dict]:
+              every: int = 3, threads: int | None = None, jobs: int = 1) -> list[dict]:
     from ..api import evaluate, shrink
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = write_demo_dataset(Path("runs/demo/data"), n_test=n_test)
-    train, val = budget_split(paths["train"], out_dir / "data", steps * batch, 48)
+    demo = Path("runs/demo/data")
+    paths = {"train": demo / "train.jsonl", "test": demo / "test.jsonl"}
+    if not paths["test"].exists() or len(paths["test"].read_text().splitlines()) < n_test:
+        paths = write_demo_dataset(demo, n_test=n_test)
+    train, val = budget_split(paths["test"], out_dir / "data", steps * batch, 48)
     if not (Path(teacher_adapter) / "adapter_config.json").exists():
         print(f"== teacher adapter {teacher_adapter} missing: training it with {PRESET.name}", flush=True)
         run_cli(["train", "--config", str(PRESET), "--train.output_dir", teacher_adapter], out_dir / "teacher.log")
@@ -120,29 +131,39 @@ def run_study(out: str = "runs/distill", steps: int = 80, batch: int = 8, n_test
     rows.append({"model": "student, untrained (shrink --every 3)", "layers": len(report["kept_layers"]),
                  "params": report["student_params"], "exact_match": s0["exact_match"], "json_valid": s0["json_valid"],
                  "fields": field_mean(s0)})
-    for mode in modes:
-        run_dir = out_dir / mode
-        tree = base_tree(str(student), train, val, run_dir, steps, batch, lr, threads)
-        section = distill_section(mode, teacher, teacher_adapter)
+    todo = []
+    for mode in modes:  # a finished run with the same config is reused (rerun the study after a change)
+        tree = base_tree(str(student), train, val, out_dir / mode, steps, batch, lr, threads)
+        section = distill_section(mode, teacher, teacher_adapter, steps)
         if section:
             tree["distill"] = section
         config = out_dir / "configs" / f"{mode}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(tree, sort_keys=False)
-        done = (run_dir / "result.json").exists() and config.exists() and config.read_text() == text
-        if not done:  # a finished run with the same config is reused (rerun the study after a change)
+        if not ((out_dir / mode / "result.json").exists() and config.exists() and config.read_text() == text):
             config.write_text(text)
-            print(f"== {mode}: {steps} steps (log: {out_dir / (mode + '.log')})", flush=True)
-            run_cli(["train" if section is None else "distill", "--config", str(config)], out_dir / f"{mode}.log")
+            todo.append((mode, ["train" if section is None else "distill", "--config", str(config)]))
+
+    def run(item):
+        mode, argv = item
+        print(f"== {mode}: {steps} steps (log: {out_dir / (mode + '.log')})", flush=True)
+        run_cli(argv, out_dir / f"{mode}.log")
+        print(f"== {mode}: done", flush=True)
+
+    # Runs share the CPU: with jobs > 1 give each `--threads 2/jobs` (oversubscribed OpenMP threads are ruinous).
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(run, todo))
+    for mode in modes:
+        run_dir = out_dir / mode
         result = json.loads((run_dir / "result.json").read_text())
-        seconds = result["wall_time_s"]
         s = score(str(run_dir), None, mode)
         rows.append({"model": f"student + {mode}" if mode != "sft" else "student + SFT on gold labels",
                      "layers": len(report["kept_layers"]), "params": report["student_params"],
                      "exact_match": s["exact_match"], "json_valid": s["json_valid"], "fields": field_mean(s),
-                     "eval_loss": result["eval_loss_after"], "train s": seconds})
-        write_outputs(rows, out_dir, t["exact_match"], f"{steps} steps x {batch} examples (each training prompt "
-                      f"seen once), full fine-tuning, lr {lr}, {n_test} test invoices")
+                     "eval_loss": result["eval_loss_after"], "train s": result["wall_time_s"]})
+    write_outputs(rows, out_dir, t["exact_match"], f"{steps} steps x {batch} examples (each training prompt seen "
+                  f"once), full fine-tuning, lr {lr}, {n_test} test invoices")
+    plot_curves(out_dir, modes)
     return rows
 
 
@@ -158,6 +179,32 @@ def write_outputs(rows: list[dict], out_dir: Path, teacher_em: float, budget: st
     md = markdown_table(rows, COLUMNS, _cell)
     (out_dir / "distill.md").write_text(f"Budget: {budget}\n\n" + md + "\n")
     (out_dir / "distill.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
+
+
+def plot_curves(out_dir: Path, modes) -> None:
+    """distill-curves.png: the gold validation loss of each run over its steps (metrics.jsonl's eval_loss)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no distill-curves.png (pip install 'tunekit[plot]')", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for mode in modes:
+        rows = [json.loads(x) for x in (out_dir / mode / "metrics.jsonl").read_text().splitlines()]
+        points = sorted({m["step"]: m["eval_loss"] for m in rows if m.get("eval_loss") is not None}.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gold validation CE (log scale)")
+    ax.set_title("1/3-depth student: validation loss by training mode")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "distill-curves.png", dpi=120)
+    plt.close(fig)
 
 
 def _cell(column: str, v) -> str:
@@ -184,13 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--teacher-adapter", default="runs/demo/lora")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (1 when sharing the CPU)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once (give each --threads cores/jobs)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
     run_study(a.out, a.steps, a.batch, a.n_test, a.lr, tuple(a.modes), teacher_adapter=a.teacher_adapter,
-              threads=a.threads)
+              threads=a.threads, jobs=a.jobs)
 
 
 if __name__ == "__main__":
