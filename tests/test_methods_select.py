@@ -285,3 +285,10 @@ def test_resumed_run_rescores_to_the_same_groups_and_weights(tmp_path, make_conf
     assert whole["groups"] == parts["groups"]
     assert all(torch.equal(a, b) for a, b in zip(*(
         load_file(str(tmp_path / r / "tunekit_weights.safetensors")).values() for r in ("whole", "parts"))))
+
+
+def test_merge_note_says_what_merging_a_select_run_does():
+    from tunekit.merging import merge_note
+
+    assert "already form a plain model" in merge_note("select", "float32")  # full rank: the weights are copied
+    assert "folded into the base weights" in merge_note("select", "float32", low_rank=True)  # lora_r: B @ A added

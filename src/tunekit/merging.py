@@ -73,7 +73,7 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
     base = load_model(model_name, dtype="float32", device=device)
     loaded = method.load(base, run_dir)
     merged = method.merge(loaded).to(DTYPES[dtype])
-    note = merge_note(method.name, dtype)
+    note = merge_note(method.name, dtype, low_rank=getattr(getattr(method, "cfg", None), "lora_r", None) is not None)
     if not quiet:
         print(f"[tunekit] {note}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,12 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
     return result
 
 
-def merge_note(method: str, dtype: str) -> str:
+def merge_note(method: str, dtype: str, low_rank: bool = False) -> str:
+    """What merging did, in one line; low_rank: a select run that trained LoRA on its modules (lora_r)."""
     if method == "qlora":
         return (f"qlora: merged the adapter into the 4-bit base dequantized to fp32 (what the run trained on), "
                 f"saved as {dtype}; the result is not 4-bit and not the original unquantized base")
-    if method in ("full", "freeze"):
+    if method in ("full", "freeze") or (method == "select" and not low_rank):
         return f"{method}: the trained weights already form a plain model; saved as {dtype}"
     return f"{method}: folded into the base weights, saved as {dtype}"
 
