@@ -1,15 +1,18 @@
 """The distillation study on the demo task: teacher vs a 1/3-depth student after SFT and after each KD mode.
 
-    python benchmarks/distill_demo.py [--steps 80] [--n-test 100] [--modes sft offline logit on-policy]
+    python benchmarks/distill_demo.py [--steps 240] [--lr 1e-3] [--n-test 100] [--jobs 2 --threads 1]
+                                      [--modes sft offline logit on-policy] [--out runs/distill240]
 
-1. data: the demo invoices (written if missing); every run sees the same `steps x batch` training prompts once and
-   the same gold validation examples
+1. data: `steps x batch` demo invoices for training (each seen once; the generator's stream, so the first 1,200
+   are the teacher's own training data) and 48 for gold validation, none of them a test invoice
 2. teacher: SmolLM2-135M-Instruct + the demo's LoRA (trained with configs/demo-lora.yaml if missing); exact match
 3. student: `tunekit shrink --every 3` of the teacher (adapter merged): 10 of 30 layers
 4. one run per mode, same steps / batch / learning rate / method (full fine-tuning of the student):
-   sft (gold labels, no teacher), offline (teacher's greedy answers), logit (alpha CE + (1-alpha) KL), on-policy
-5. exact match of each on the same test invoices; table (Markdown + JSON) in --out
-Each training run is a `tunekit train` / `tunekit distill` process of its own.
+   sft (gold labels, no teacher), offline (teacher's greedy answers), logit (alpha CE + (1-alpha) KL, on every
+   token), on-policy (first half of the steps as logit, then half the micro-batches sampled by the student)
+5. exact match of each on the same test invoices; table (Markdown + JSON) and the validation-loss curves (PNG)
+   in --out
+Each training run is a `tunekit train` / `tunekit distill` process of its own; --jobs runs several at once.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def budget_split(test: Path, out: Path, n_train: int, n_val: int) -> tuple[Path,
     return out / "train.jsonl", out / "val.jsonl"
 
 
-def run_study(out: str = "runs/distill", steps: int = 80, batch: int = 8, n_test: int = 100, lr: float = 2e-4,
+def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_test: int = 100, lr: float = 1e-3,
               modes: tuple[str, ...] = MODES, teacher: str = "smollm2-135m", teacher_adapter: str = "runs/demo/lora",
               every: int = 3, threads: int | None = None, jobs: int = 1) -> list[dict]:
     from ..api import evaluate, shrink
@@ -223,11 +226,11 @@ def _cell(column: str, v) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/distill")
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--out", default="runs/distill240")
+    p.add_argument("--steps", type=int, default=240)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--teacher-adapter", default="runs/demo/lora")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (1 when sharing the CPU)")
