@@ -248,3 +248,18 @@ def test_offline_writes_resumable_teacher_data_with_provenance_then_trains(make_
     changed = cfg.distill.model_copy(update={"max_new_tokens": 7})
     with pytest.raises(DistillError, match="other settings"):
         write_teacher_data(changed, cfg.data.train, str(data), device="cpu", progress=False)
+
+
+def test_study_reuses_a_run_whose_config_differs_only_in_bookkeeping():
+    import yaml
+
+    from tunekit.distill.experiment import base_tree, distill_section, same_run
+
+    tree = base_tree("student", Path("t.jsonl"), Path("v.jsonl"), Path("out"), 40, 8, 1e-3, threads=1)
+    tree["distill"] = distill_section("on-policy", "teacher", "adapter", 40)
+    text = yaml.safe_dump(tree)
+    assert tree["distill"]["on_policy_warmup_steps"] == 20 and tree["train"]["resume"] is True
+    for key, value in (("save_every", 0), ("threads", 2), ("progress", False), ("resume", False)):
+        assert same_run(text, yaml.safe_dump({**tree, "train": {**tree["train"], key: value}}))
+    assert not same_run(text, yaml.safe_dump({**tree, "optim": {**tree["optim"], "lr": 2e-4}}))
+    assert not same_run(text, yaml.safe_dump({**tree, "distill": {**tree["distill"], "alpha": 0.4}}))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,22 @@ def base_tree(student: str, train: Path, val: Path, out: Path, steps: int, batch
             "optim": {"lr": lr, "schedule": "cosine", "warmup_steps": max(10, steps // 12),
                       "max_grad_norm": 1.0},
             "train": {"output_dir": str(out), "max_steps": steps, "batch_size": batch, "precision": "auto",
-                      "eval_every": max(1, steps // 4), "save_every": 0, "progress": True, "seed": 0, "threads": threads}}
+                      "eval_every": max(1, steps // 4), "save_every": max(1, steps // 12), "resume": True,
+                      "progress": True, "seed": 0, "threads": threads}}
+
+
+# Keys that do not change what a run computes: a finished run whose config differs only in these is reused.
+BOOKKEEPING = {"train": ("save_every", "resume", "progress", "threads")}
+
+
+def same_run(a: str, b: str) -> bool:
+    """Whether two run configs (YAML text) train the same thing."""
+    trees = [yaml.safe_load(x) for x in (a, b)]
+    for tree in trees:
+        for section, keys in BOOKKEEPING.items():
+            for k in keys:
+                tree.get(section, {}).pop(k, None)
+    return trees[0] == trees[1]
 
 
 def distill_section(mode: str, teacher: str, adapter: str, steps: int) -> dict | None:
@@ -135,7 +151,7 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
                  "params": report["student_params"], "exact_match": s0["exact_match"], "json_valid": s0["json_valid"],
                  "fields": field_mean(s0)})
     todo = []
-    for mode in modes:  # a finished run with the same config is reused (rerun the study after a change)
+    for mode in modes:  # a finished run of the same config is reused (rerun the study after a change)
         tree = base_tree(str(student), train, val, out_dir / mode, steps, batch, lr, threads)
         section = distill_section(mode, teacher, teacher_adapter, steps)
         if section:
@@ -143,7 +159,11 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
         config = out_dir / "configs" / f"{mode}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(tree, sort_keys=False)
-        if not ((out_dir / mode / "result.json").exists() and config.exists() and config.read_text() == text):
+        # An interrupted run (crash, Ctrl-C, out of memory) resumes from its last checkpoint (train.resume).
+        same = config.exists() and same_run(config.read_text(), text)
+        if not ((out_dir / mode / "result.json").exists() and same):
+            if not same:  # what is in the run folder was trained with another config: start afresh
+                shutil.rmtree(out_dir / mode, ignore_errors=True)
             config.write_text(text)
             todo.append((mode, ["train" if section is None else "distill", "--config", str(config)]))
 
