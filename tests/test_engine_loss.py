@@ -245,3 +245,20 @@ def test_cached_head_cast_follows_weight_updates():
         expected = _reference_ce(h, weight, None, targets)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_cast_of_a_trained_head_follows_fused_adamw_steps():
+    """torch's fused AdamW does not bump a parameter's version counter: a cast cached on it went stale and full
+    fine-tunes trained against the head of step 0 (found by a distillation run whose saved model was broken)."""
+    from tunekit.engine.loss import cached_weight_cast
+
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    before = cached_weight_cast(w, torch.bfloat16)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    after = cached_weight_cast(w, torch.bfloat16)
+    torch.testing.assert_close(after, w.detach().to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(before, after)
+    frozen = torch.randn(16, 8)  # a frozen head is cast once and served from the cache
+    assert cached_weight_cast(frozen, torch.bfloat16) is cached_weight_cast(frozen, torch.bfloat16)

@@ -57,9 +57,16 @@ _cast_cache: list = [None]  # one slot: (weakref to the weight, its version, dty
 
 
 def cached_weight_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in the compute dtype, cast again only when the weight changed (a frozen head: once per run)."""
+    """`weight` in the compute dtype; a frozen weight (a frozen head) is cast once per run.
+
+    A trained weight is cast on every call: torch's fused AdamW updates parameters without bumping their version
+    counter (checked on torch 2.13, CPU), so a cache keyed on `_version` would keep serving the head of step 0
+    while the real weight trains (a full fine-tune then learns against a stale head and saves a broken model).
+    """
     if weight.dtype == dtype:
         return weight.detach()
+    if weight.requires_grad:
+        return weight.detach().to(dtype)
     slot = _cast_cache[0]
     if slot is not None and slot[0]() is weight and slot[1] == weight._version and slot[2] == dtype:
         return slot[3]
