@@ -138,10 +138,9 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
     print("== teacher: exact match", flush=True)
     t = score(teacher, teacher_adapter, "teacher")
     student = out_dir / "student"
-    if (student / "shrink.json").exists() and json.loads((student / "shrink.json").read_text())["teacher_adapter"] \
-            == teacher_adapter:
-        report = json.loads((student / "shrink.json").read_text())
-    else:
+    info = student / "shrink.json"
+    report = json.loads(info.read_text()) if info.exists() else None
+    if report is None or report["teacher_adapter"] != teacher_adapter:  # made from another teacher: make it again
         report = shrink(teacher, str(student), every=every, adapter=teacher_adapter)
     rows.append({"model": "teacher (base + demo LoRA)", "layers": report["teacher_layers"],
                  "params": report["teacher_params"], "exact_match": t["exact_match"], "json_valid": t["json_valid"],

@@ -66,7 +66,6 @@ class DistillObjective(Objective):
         self.teacher = load_teacher(d.teacher, d.teacher_adapter, device, precision, cfg.model.attn_implementation)
         self.t_head = self.teacher.get_output_embeddings()
         self.stop_ids = stop_token_ids(tokenizer)
-        self.packing = cfg.data.packing
         self.n_sampled = self.n_gold = 0
 
     # --- on-policy: replace the gold completions with the student's samples -------------------------------------
