@@ -189,12 +189,35 @@ def test_qlora_bits_per_weight_measured_from_the_stored_tensors(bnb, tiny_model_
     assert bits == pytest.approx(4.127 if double_quant else 4.5, abs=1e-3)
 
 
+def test_qlora_layer_returns_the_autocast_dtype_with_bitsandbytes_values(bnb):
+    """Under bf16 autocast tunekit's 4-bit layer returns bf16 (as nn.Linear does; bitsandbytes returns the input's
+    fp32, which doubles what autograd saves downstream) with exactly bitsandbytes' values; outside autocast it is
+    bitsandbytes' layer."""
+    from tunekit.methods.qlora import quantize_linears_
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    ours.get_output_embeddings = lambda: None
+    quantize_linears_(ours, QLoraMethod(r=4, compute_dtype="bfloat16"))
+    layer = ours[0]
+    theirs = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    theirs.weight, theirs.bias, theirs.support_avx512bf16_for_cpu = layer.weight, layer.bias, False
+    x = torch.randn(5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), theirs(x)
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    assert torch.equal(got.float(), want)
+    got.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.equal(layer(x), theirs(x))
+
+
 def test_qlora_quantizes_every_linear_but_the_head_and_reports_memory(bnb, tiny_model_dir):
     method = build_method(qlora())
     plain = base(tiny_model_dir)
     plain_total = sum(p.numel() for p in plain.parameters())
     model = method.apply(plain)
-    quantized = [n for n, m in model.named_modules() if type(m) is bnb.nn.Linear4bit]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == L * 7
     assert not isinstance(model.get_base_model().get_output_embeddings(), bnb.nn.Linear4bit)
     # Trainable = LoRA's closed form; the total counts each 4-bit weight once (not per packed byte).
@@ -282,7 +305,7 @@ def test_qlora_adapter_loads_in_peft_on_a_quantized_base(bnb, qlora_run, tiny_mo
     torch.testing.assert_close(method_logits(method, loaded, prompt_ids), expected, rtol=0, atol=1e-5)
     # Merge: dequantized base + adapter as one plain fp32 model.
     merged = build_method(qlora()).merge(loaded)
-    assert not any(type(m) is bnb.nn.Linear4bit for m in merged.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     torch.testing.assert_close(model_logits(merged, prompt_ids), expected, rtol=0, atol=1e-5)
 
 

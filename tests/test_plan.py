@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -117,8 +118,12 @@ def test_training_warns_when_the_plan_exceeds_free_memory(tmp_path, make_config,
     lines = [x for x in capsys.readouterr().out.splitlines() if "warning: the memory plan" in x]
     assert len(lines) == 1 and "GiB is free" in lines[0]
     monkeypatch.setattr(tunekit.planner, "free_memory_bytes", lambda device="cpu": 2**40)
-    train(make_config(tmp_path / "run2", {"train.max_steps": 1}))
+    result = train(make_config(tmp_path / "run2", {"train.max_steps": 1}))
     assert "warning: the memory plan" not in capsys.readouterr().out
+    # The plan is kept next to the measured peak (result.json, run card), so every run checks the planner.
+    planned = float(re.search(r"this run is ([\d.]+) GiB", lines[0])[1])
+    assert result.planned_peak_bytes / 2**30 == pytest.approx(planned, abs=0.006)
+    assert "; planned " in (tmp_path / "run2" / "README.md").read_text()
 
 
 def saved_for_backward_bytes(model, method, ids, pos, targets) -> int:
@@ -145,9 +150,12 @@ def saved_for_backward_bytes(model, method, ids, pos, targets) -> int:
 
 
 @pytest.mark.parametrize("spec", [{"name": "lora", "r": 4}, {"name": "full"},
+                                  # bitsandbytes casts outputs back to the input dtype; tunekit's layer keeps
+                                  # autocast's (25% more saved otherwise), so QLoRA saves what LoRA saves
+                                  {"name": "qlora", "r": 4},
                                   # every group selected: what the scoring pass keeps, the plan's select bound
                                   {"name": "select", "strategy": "last", "score_batches": 0, "fraction": 1.0}],
-                         ids=["lora", "full", "select"])
+                         ids=["lora", "full", "qlora", "select"])
 def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     """The activation formula against the tensors autograd really keeps (bf16 autocast, packed rows, CPU)."""
     import torch
@@ -158,6 +166,8 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     from tunekit.methods import build_method, cast_frozen_linears_
     from tunekit.planner import LOSS_CHUNK_BYTES
 
+    if spec["name"] == "qlora":
+        pytest.importorskip("bitsandbytes")
     register()
     cfg = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)

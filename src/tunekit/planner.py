@@ -426,16 +426,20 @@ def student_plan(cfg, stats, device, precision: str) -> MemoryPlan:
                         "cuda" if device.type == "cuda" else "cpu", precision if precision in ("bf16", "fp32") else "fp32")
 
 
-def warn_if_over_free_memory(cfg, stats, device, precision: str) -> str | None:
-    """One warning line when the plan of this run exceeds the free memory of `device` (None if it fits or the
-    plan cannot be made, e.g. for a hub model not downloaded yet)."""
+def run_plan(cfg, stats, device, precision: str) -> MemoryPlan | None:
+    """The plan of this run on its prepared data, or None when it cannot be made (no data, a hub model not
+    downloaded yet, an architecture the planner does not read)."""
     if not stats.n_train or not stats.total_tokens:
         return None
     try:
-        p = student_plan(cfg, stats, device, precision)
+        return student_plan(cfg, stats, device, precision)
     except (OSError, ValueError):  # PlanError is a ValueError
         return None
-    free = free_memory_bytes(str(device))
+
+
+def over_free_memory_warning(p: MemoryPlan | None, device) -> str | None:
+    """One warning line when plan `p` exceeds the free memory of `device` (None if it fits or is unknown)."""
+    free = free_memory_bytes(str(device)) if p is not None else None
     if free is None or p.total <= free:
         return None
     return (f"[tunekit] warning: the memory plan of this run is {p.total / GiB:.2f} GiB but only {free / GiB:.2f} "

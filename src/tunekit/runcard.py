@@ -69,7 +69,9 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra
          f"({result.flops_per_token / 1e6:,.0f} MFLOP per token; formula in tunekit/engine/flops.py)"),
         ("Energy", _energy(result)),
         ("Peak memory", f"{_fmt_bytes(result.peak_memory_bytes)} "
-                        f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"),
+                        f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"
+                        + ("" if not result.planned_peak_bytes else
+                           f"; planned {_fmt_bytes(result.planned_peak_bytes)} (tunekit plan)")),
         ("Eval loss", f"{_fmt_loss(result.eval_loss_before)} before -> {_fmt_loss(result.eval_loss_after)} after"),
         ("Precision / device", f"{result.precision} on {result.device}"),
         ("Wall time", f"{result.wall_time_s:,.0f} s"),

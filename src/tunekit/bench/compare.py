@@ -48,7 +48,7 @@ METHOD_SETTINGS: dict[str, dict] = {
 }
 assert set(METHOD_NAMES) <= set(METHOD_SETTINGS)
 BASELINES = ("select-random", "select-last")  # only when asked for: `--methods select select-random select-last`
-COLUMNS = ["method", "trainable", "trainable %", "peak GiB", "tokens/s", "eval_loss", "exact_match", "json_valid",
+COLUMNS = ["method", "trainable", "trainable %", "peak GiB", "plan GiB", "tokens/s", "eval_loss", "exact_match", "json_valid",
            "train s"]
 
 
@@ -111,7 +111,9 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
                           str(run_dir), limit=n_test, max_new_tokens=max_new_tokens, device=device)
         rows.append({"method": m, "trainable": result["trainable_params"],
                      "trainable %": result["trainable_params"] / result["total_params"],
-                     "peak GiB": result["peak_memory_bytes"] / 2**30, "tokens/s": result["tokens_per_s"],
+                     "peak GiB": result["peak_memory_bytes"] / 2**30,
+                     "plan GiB": (result.get("planned_peak_bytes") or 0) / 2**30 or None,  # tunekit plan's
+                     "tokens/s": result["tokens_per_s"],
                      "eval_loss": result["eval_loss_after"], "exact_match": report.scores["exact_match"],
                      "json_valid": report.scores["json_valid"], "train s": train_s,
                      "groups": selected_groups(run_dir)})
@@ -147,8 +149,8 @@ def _md_cell(column: str, v) -> str:
         return f"{100 * v:.3f}%" if column == "trainable %" else f"{100 * v:.1f}%"
     if column == "trainable":
         return f"{v:,}"
-    if column in ("peak GiB", "eval_loss"):
-        return f"{v:.3f}" if column == "peak GiB" else f"{v:.4f}"
+    if column in ("peak GiB", "plan GiB", "eval_loss"):
+        return f"{v:.4f}" if column == "eval_loss" else f"{v:.3f}"
     if isinstance(v, float):
         return f"{v:,.0f}"
     return str(v)

@@ -56,6 +56,7 @@ class TrainResult:
     matmul_peak_flops: float | None = None
     energy: dict | None = None  # engine/energy.py EnergyReport, or None with energy_note saying why
     energy_note: str = ""
+    planned_peak_bytes: int | None = None  # planner.py's prediction for this run (None when it cannot plan it)
 
 
 class _StopFlag:
@@ -133,12 +134,12 @@ def train(cfg: Config) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer)
     pad_id = tokenizer.pad_token_id
-    if tc.plan_check:
-        from ..planner import warn_if_over_free_memory
+    from ..planner import over_free_memory_warning, run_plan
 
-        warning = warn_if_over_free_memory(cfg, data.stats, device, precision)
-        if warning:
-            print(warning, flush=True)
+    memory_plan = run_plan(cfg, data.stats, device, precision)  # kept in the result next to the measured peak
+    warning = over_free_memory_warning(memory_plan, device) if tc.plan_check else None
+    if warning:
+        print(warning, flush=True)
 
     # The objective before the student: a teacher that cannot be used (tokenizer, memory) fails before training.
     objective = build_objective(cfg, tokenizer, data.stats, device, precision)
@@ -266,6 +267,7 @@ def train(cfg: Config) -> TrainResult:
         wall_time_s=time.perf_counter() - t_start, precision=precision, device=str(device), interrupted=interrupted,
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
         matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
+        planned_peak_bytes=memory_plan.total if memory_plan else None,
     )
     if interrupted:
         print(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "
