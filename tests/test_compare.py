@@ -26,6 +26,24 @@ def test_compare_two_methods_two_steps(tmp_path, tiny_model_dir):
     assert (out / "compare.png").stat().st_size > 1000
 
 
+def test_compare_reuses_finished_methods_and_reruns_changed_ones(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import tunekit.bench.compare as compare
+
+    args = dict(methods=["lora", "bitfit"], model=str(tiny_model_dir), steps=1, n_train=12, n_test=2, batch_size=2,
+                device="cpu", out=str(tmp_path / "c"), isolate=False, max_new_tokens=4,
+                overrides={"train.threads": 1, "train.precision": "fp32", "data.val_fraction": 0.25})
+    first = run_compare(**args)
+    assert "(so far: 1 of 2 methods)" not in (tmp_path / "c" / "compare.md").read_text()  # the final table
+    trained = []
+    real = compare.train_one
+    monkeypatch.setattr(compare, "train_one", lambda tree, *a: trained.append(tree["method.name"]) or real(tree, *a))
+    assert run_compare(**args) == first and trained == []  # an interrupted comparison continues, nothing redone
+    args["overrides"]["optim.lr"] = 1e-3  # a different setting is a different run
+    run_compare(**args)
+    assert trained == ["lora", "bitfit"]
+
+
 def test_compare_rejects_unknown_methods():
     with pytest.raises(ValueError, match="unknown method 'lorax' for compare; choose from: lora"):
         method_overrides("lorax")

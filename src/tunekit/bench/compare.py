@@ -96,11 +96,20 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
     out_dir = Path(out)
     paths = write_demo_dataset(out_dir / "data", n_train=n_train, n_test=n_test)
     rows = []
+    budget = f"{steps} steps x batch {batch_size}, {n_train} train / {n_test} test examples, model {model}"
     for m in methods:
         run_dir = out_dir / m
         tree = {"model.name": model, "data.train": str(paths["train"]), "train.output_dir": str(run_dir),
                 "train.max_steps": steps, "train.batch_size": batch_size, "train.device": device,
                 "train.save_every": 0, "train.progress": False, **method_overrides(m), **(overrides or {})}
+        # A method finished by an earlier invocation with the same settings is reused (the row file is written
+        # only after its evaluation), so an interrupted comparison continues where it stopped.
+        done = out_dir / f"{m}.row.json"
+        settings = {"tree": tree, "n_test": n_test, "max_new_tokens": max_new_tokens}
+        if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+            print(f"== {m}: reusing the finished run in {run_dir}", flush=True)
+            rows.append(json.loads(done.read_text())["row"])
+            continue
         print(f"== {m}: training {steps} steps", flush=True)
         t0 = time.perf_counter()
         result = train_one(tree, config_file(tree, out_dir / "configs" / f"{m}.yaml"), isolate)
@@ -117,8 +126,10 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
                      "eval_loss": result["eval_loss_after"], "exact_match": report.scores["exact_match"],
                      "json_valid": report.scores["json_valid"], "train s": train_s,
                      "groups": selected_groups(run_dir)})
-    write_outputs(rows, out_dir, f"{steps} steps x batch {batch_size}, {n_train} train / {n_test} test examples, "
-                                 f"model {model}")
+        done.write_text(json.dumps({"settings": settings, "row": rows[-1]}, indent=2))
+        if len(rows) < len(methods):
+            write_outputs(rows, out_dir, budget + f" (so far: {len(rows)} of {len(methods)} methods)", quiet=True)
+    write_outputs(rows, out_dir, budget)
     return rows
 
 
@@ -131,12 +142,12 @@ def selected_groups(run_dir: Path) -> str | None:
     return f"{sum(g['selected'] for g in groups)} of {len(groups)}"
 
 
-def write_outputs(rows: list[dict], out_dir: Path, budget: str) -> None:
+def write_outputs(rows: list[dict], out_dir: Path, budget: str, quiet: bool = False) -> None:
     columns = COLUMNS + (["groups"] if any(r.get("groups") for r in rows) else [])
-    table = format_table(rows, columns)
-    print(f"\n{budget}\n{table}\n", flush=True)
     md = markdown_table(rows, columns, _md_cell)
-    print(md + "\n", flush=True)
+    if not quiet:
+        print(f"\n{budget}\n{format_table(rows, columns)}\n", flush=True)
+        print(md + "\n", flush=True)
     (out_dir / "compare.md").write_text(f"Budget: {budget}\n\n" + md + "\n")
     (out_dir / "compare.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
     plot(rows, out_dir / "compare.png", budget)
