@@ -13,7 +13,7 @@ every layer, counted in the model memory but not in the per-weight figure.
 
 The 4-bit layer is bitsandbytes' with one change: under autocast it returns the autocast dtype, as nn.Linear does
 (see `autocast_linear4bit_class`; bitsandbytes returns the input's dtype, fp32 after a norm, which made QLoRA keep
-fp32 activations and peak 21-27% above LoRA on CPU).
+fp32 activations: its peak RSS was 21-24% above LoRA r16's on SmolLM2-135M, now below it).
 
 bitsandbytes >= 0.45 runs this on CPU too. Its CPU backend would, on the first no-grad eval pass on CPUs with
 AVX512-BF16, repack the weights into an inference-only layout (bf16 scales, not differentiable, double
