@@ -198,6 +198,8 @@ def runs(tmp_path_factory, tiny_model_dir, chat_jsonl):
                 interrupted_ckpt=latest_step(out["interrupted"]),
                 interrupted_files=sorted(p.name for p in out["interrupted"].iterdir()))
     info["corrupt_good"] = corrupt_copy(out["killed"], out["corrupt"])
+    ckpt = out["interrupted"] / "checkpoints" / f"step-{info['interrupted_ckpt']:06d}" / "state.pt"
+    info["interrupted_elapsed"] = torch.load(ckpt, weights_only=True)["elapsed_s"] if ckpt.exists() else None
 
     info["killed_resume_rc"], info["resume_output"] = in_process(config, out["killed"], "--train.resume", "true")
     info["interrupted_resume_rc"], _ = in_process(config, out["interrupted"], "--train.resume", "true")
@@ -228,6 +230,9 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(runs):
     assert "adapter_model.safetensors" not in info["interrupted_files"]  # not a finished run
     assert info["interrupted_resume_rc"] == 0
     assert_same_run(out["interrupted"], out["reference"])
+    # The resumed run's wall time counts the interrupted process's too (it is in the checkpoint).
+    wall = json.loads((out["interrupted"] / "result.json").read_text())["wall_time_s"]
+    assert 0 < info["interrupted_elapsed"] < wall
 
 
 def test_half_written_checkpoint_is_ignored_on_resume(runs):
@@ -296,7 +301,8 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in (1, 2, 3):
         train_steps(model, opt, 1)
-        state = TrainingState(step, {"epoch": 0, "pos": step}, {"last_epoch": step}, 10 * step, rng_state())
+        state = TrainingState(step, {"epoch": 0, "pos": step}, {"last_epoch": step}, 10 * step, rng_state(),
+                              elapsed_s=1.5 * step, rate_tokens=7 * step, rate_time=0.5 * step)
         path = save_checkpoint(tmp_path, model, opt, state, keep=2)
     assert path == tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
@@ -312,6 +318,7 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     restored = load_checkpoint(latest_checkpoint(tmp_path), other, other_opt)
     assert (restored.step, restored.stream, restored.scheduler, restored.tokens_seen) == \
         (3, {"epoch": 0, "pos": 3}, {"last_epoch": 3}, 30)
+    assert (restored.elapsed_s, restored.rate_tokens, restored.rate_time) == (4.5, 21, 1.5)
     set_rng_state(restored.rng)
     assert torch.equal(torch.get_rng_state(), rng_at_save)
     train_steps(other, other_opt, 2)

@@ -182,11 +182,21 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
         rows.append({"model": f"student + {mode}" if mode != "sft" else "student + SFT on gold labels",
                      "layers": len(report["kept_layers"]), "params": report["student_params"],
                      "exact_match": s["exact_match"], "json_valid": s["json_valid"], "fields": field_mean(s),
-                     "eval_loss": result["eval_loss_after"], "train s": result["wall_time_s"]})
+                     "eval_loss": result["eval_loss_after"], "train s": step_seconds(run_dir)})
     write_outputs(rows, out_dir, t["exact_match"], f"{steps} steps x {batch} examples (each training prompt seen "
                   f"once), full fine-tuning, lr {lr}, {n_test} test invoices")
     plot_curves(out_dir, modes)
     return rows
+
+
+def step_seconds(run_dir: Path) -> float:
+    """Time spent in optimizer steps, summed from metrics.jsonl (each step logs its tokens and tokens/s): the same
+    measure for every mode whether or not the run was resumed (wall_time_s restarts with each process); evaluation,
+    loading and offline's teacher generation are not in it."""
+    from ..engine.metrics import read_metrics
+
+    return sum(r["tokens"] / r["tokens_per_s"] for r in read_metrics(run_dir / "metrics.jsonl")
+               if r.get("tokens_per_s"))
 
 
 def newest_mtime(path: Path) -> float:

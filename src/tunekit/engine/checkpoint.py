@@ -30,6 +30,11 @@ class TrainingState:
     scheduler: dict
     tokens_seen: int
     rng: dict  # torch / cuda / python RNG states
+    # Time and throughput of the run so far, over every process that worked on it, so a resumed run reports its
+    # whole wall time and tokens/s (checkpoints written before these existed read as 0).
+    elapsed_s: float = 0.0
+    rate_tokens: int = 0
+    rate_time: float = 0.0
 
 
 def rng_state() -> dict:
@@ -75,7 +80,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": state.step, "stream": state.stream, "scheduler": state.scheduler,
-                "tokens_seen": state.tokens_seen, "rng": state.rng}, tmp / "state.pt")
+                "tokens_seen": state.tokens_seen, "rng": state.rng, "elapsed_s": state.elapsed_s,
+                "rate_tokens": state.rate_tokens, "rate_time": state.rate_time}, tmp / "state.pt")
     (tmp / MARKER).write_text(name)
     _fsync_tree(tmp)
     if final.exists():
@@ -130,4 +136,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     s = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     return TrainingState(step=s["step"], stream=s["stream"], scheduler=s["scheduler"],
-                         tokens_seen=s["tokens_seen"], rng=s["rng"])
+                         tokens_seen=s["tokens_seen"], rng=s["rng"], elapsed_s=s.get("elapsed_s", 0.0),
+                         rate_tokens=s.get("rate_tokens", 0), rate_time=s.get("rate_time", 0.0))

@@ -171,14 +171,14 @@ def train(cfg: Config) -> TrainResult:
     stream = BatchStream(data.train, tc.batch_size, tc.seed, packing, pad_id)
     eval_args = (tc.batch_size, packing, pad_id, device, precision)
 
-    start_step, tokens_seen, eval_before = 0, 0, None
+    start_step, tokens_seen, eval_before, earlier = 0, 0, None, TrainingState(0, {}, {}, 0, {})
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
         stream.load_state_dict(state.stream)
         set_rng_state(state.rng)
-        start_step, tokens_seen = state.step, state.tokens_seen
+        start_step, tokens_seen, earlier = state.step, state.tokens_seen, state
         log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
         eval_before = next((m["eval_loss"] for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] == 0
                             and "eval_loss" in m), None)
@@ -200,11 +200,15 @@ def train(cfg: Config) -> TrainResult:
     energy = EnergyMeter(tc.energy, tc.country_iso_code)
     energy.start()
     model.train()
-    step, rate_tokens, rate_time, eval_after, interrupted = start_step, 0, 0.0, None, False
+    # Throughput and wall time continue those of the processes that ran earlier parts of a resumed run.
+    step, rate_tokens, rate_time = start_step, earlier.rate_tokens, earlier.rate_time
+    eval_after, interrupted = None, False
 
     def checkpoint():
-        save_checkpoint(run_dir, model, optimizer, TrainingState(step, stream.state_dict(), scheduler.state_dict(),
-                                                                 tokens_seen, rng_state()), keep=tc.keep_checkpoints)
+        elapsed = earlier.elapsed_s + time.perf_counter() - t_start
+        save_checkpoint(run_dir, model, optimizer,
+                        TrainingState(step, stream.state_dict(), scheduler.state_dict(), tokens_seen, rng_state(),
+                                      elapsed, rate_tokens, rate_time), keep=tc.keep_checkpoints)
 
     with _StopFlag() as stop:
         while step < steps:
@@ -264,7 +268,8 @@ def train(cfg: Config) -> TrainResult:
         tokens_per_s=rate_tokens / rate_time if rate_time else 0.0,
         eval_loss_before=eval_before, eval_loss_after=eval_after,
         trainable_params=n_trainable, total_params=n_total, peak_memory_bytes=peak_memory_bytes(device),
-        wall_time_s=time.perf_counter() - t_start, precision=precision, device=str(device), interrupted=interrupted,
+        wall_time_s=earlier.elapsed_s + time.perf_counter() - t_start, precision=precision, device=str(device),
+        interrupted=interrupted,
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
         matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
         planned_peak_bytes=memory_plan.total if memory_plan else None,
