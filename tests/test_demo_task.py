@@ -150,3 +150,17 @@ def test_format_table_shape():
     assert lines[3].split() == ["fine-tuned", "93.0%", "100.0%", "-", "100"]
     assert len({len(line) for line in lines[:2]}) == 1  # separator spans the header
     assert format_table([{"acc%": 0.5}], ["acc%"]).splitlines()[2].strip() == "50.0%"
+
+
+def test_paired_exact_test_against_hand_computed_binomial_tails():
+    from tunekit.demo.scoring import paired_exact_test
+
+    # 14 discordant examples, 3 won / 11 lost: p = 2 (C(14,0)+C(14,1)+C(14,2)+C(14,3)) / 2^14 = 940/16384.
+    ref = [True] * 11 + [False] * 3 + [True] * 50 + [False] * 6
+    other = [False] * 11 + [True] * 3 + [True] * 50 + [False] * 6
+    assert paired_exact_test(ref, other) == (3, 11, pytest.approx(940 / 16384))
+    assert paired_exact_test(other, ref)[2] == pytest.approx(940 / 16384)  # two-sided: symmetric
+    assert paired_exact_test([True, False], [False, True]) == (1, 1, 1.0)  # a tie caps at 1
+    assert paired_exact_test([True] * 5, [True] * 5) == (0, 0, 1.0)  # nothing discordant: no evidence
+    with pytest.raises(ValueError, match="same examples"):
+        paired_exact_test([True], [True, False])

@@ -82,6 +82,20 @@ def score_predictions(predictions: list[str], references: list[str]) -> dict:
             "field_accuracy": {k: correct[k] / totals[k] for k in keys}, "n": n}
 
 
+def paired_exact_test(reference: list[bool], other: list[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test of two models scored on the same examples: (examples only `other` gets right, examples
+    only `reference` gets right, two-sided p-value). Examples both get right or both miss say nothing about which is
+    better; under "equally good" each of the n discordant ones goes either way with probability 1/2, so
+    p = min(1, 2 P(Binomial(n, 1/2) <= min(wins, losses)))."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired test needs the same examples: {len(reference)} vs {len(other)} scores")
+    wins = sum(1 for r, o in zip(reference, other) if o and not r)
+    losses = sum(1 for r, o in zip(reference, other) if r and not o)
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return wins, losses, min(1.0, 2 * tail)
+
+
 def _cell(column: str, value: object) -> str:
     if value is None:
         return "-"

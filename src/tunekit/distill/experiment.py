@@ -29,11 +29,12 @@ import yaml
 
 from ..demo.invoices import write_demo_dataset
 from ..demo.pipeline import MAX_NEW_TOKENS, PRESET
-from ..demo.scoring import format_table, markdown_table
+from ..demo.scoring import format_table, markdown_table, paired_exact_test
 from ..evaluate import score_text
 
 MODES = ("sft", "offline", "logit", "on-policy")
-COLUMNS = ["model", "layers", "params", "exact_match", "of teacher", "fields", "json_valid", "eval_loss", "train s"]
+COLUMNS = ["model", "layers", "params", "exact_match", "of teacher", "fields", "json_valid", "vs SFT", "eval_loss",
+           "train s"]
 
 
 def field_mean(scores: dict) -> float | None:
@@ -183,10 +184,24 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
                      "layers": len(report["kept_layers"]), "params": report["student_params"],
                      "exact_match": s["exact_match"], "json_valid": s["json_valid"], "fields": field_mean(s),
                      "eval_loss": result["eval_loss_after"], "train s": step_seconds(run_dir)})
+    if "sft" in modes:  # paired on the same test invoices: which ones each model gets right that SFT misses
+        for row, name in zip(rows, ["teacher", "student0", *modes]):
+            if name != "sft":
+                row["vs SFT"] = vs_reference(out_dir, "sft", name)
     write_outputs(rows, out_dir, t["exact_match"], f"{steps} steps x {batch} examples (each training prompt seen "
                   f"once), full fine-tuning, lr {lr}, {n_test} test invoices")
     plot_curves(out_dir, modes)
     return rows
+
+
+def vs_reference(out_dir: Path, reference: str, name: str) -> str:
+    """"+wins/-losses (p)": test invoices `name` gets exactly right and `reference` does not, the reverse, and
+    McNemar's exact two-sided p-value (demo/scoring.py paired_exact_test), from the two predictions files."""
+    def exact(n: str) -> list[bool]:
+        return [json.loads(x)["exact"] for x in (out_dir / f"{n}_predictions.jsonl").read_text().splitlines()]
+
+    wins, losses, p = paired_exact_test(exact(reference), exact(name))
+    return f"+{wins}/-{losses} (p {p:.2f})"
 
 
 def step_seconds(run_dir: Path) -> float:
