@@ -322,7 +322,8 @@ class TrainConfig(Section):
     )
     progress: bool = Field(True, description="Show a progress bar.")
     plan_check: bool = Field(
-        True, description="Before training, warn when the memory plan (tunekit plan) exceeds the free memory."
+        True, description="Make the memory plan of the run (tunekit plan; kept in result.json and the run card next "
+                          "to the measured peak) and warn before training when it exceeds the free memory."
     )
 
     @field_validator("compile", mode="before")

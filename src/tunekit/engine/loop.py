@@ -136,8 +136,9 @@ def train(cfg: Config) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     from ..planner import over_free_memory_warning, run_plan
 
-    memory_plan = run_plan(cfg, data.stats, device, precision)  # kept in the result next to the measured peak
-    warning = over_free_memory_warning(memory_plan, device) if tc.plan_check else None
+    # The plan is kept in the result next to the measured peak.
+    memory_plan = run_plan(cfg, data.stats, device, precision) if tc.plan_check else None
+    warning = over_free_memory_warning(memory_plan, device)
     if warning:
         print(warning, flush=True)
 
