@@ -1,18 +1,17 @@
 """The memory planner against measured peaks: short `tunekit train` runs on the demo data, each in its own process.
 
-    python benchmarks/plan_check.py [--runs lora_r8_b8 qlora_r16_b4 ...] [--steps 5] [--threads 2] [--out runs/plancheck]
+    python benchmarks/plan_check.py [--runs lora_r8_b8 qlora_r16_b4 ...] [--steps 5] [--threads 2]
+                                    [--out runs/plancheck]
 
 Each run records both numbers in its result.json: `peak_memory_bytes` (peak RSS on CPU, peak allocated on CUDA)
 and `planned_peak_bytes` (tunekit.planner's prediction for that run's own config and data). Prints a Markdown table
-with the plan's terms and the error; writes plan_check.{md,json} into --out.
+of both and the error; writes plan_check.{md,json} into --out. `tunekit plan` shows the terms of each prediction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 RUNS: dict[str, dict] = {
@@ -27,26 +26,13 @@ RUNS: dict[str, dict] = {
 
 
 def run_one(name: str, steps: int, threads: int, out: Path, data: Path) -> dict:
-    import yaml
+    """Train run `name` for `steps` steps in a process of its own (compare's config and launcher); both peaks."""
+    from tunekit.bench.compare import config_file, train_one
 
-    from tunekit.demo.pipeline import PRESET
-
-    settings = RUNS[name]
-    tree = yaml.safe_load(PRESET.read_text())
-    tree["method"] = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("method.")}
-    config = out / "configs" / f"{name}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(tree, sort_keys=False))
-    run_dir = out / name
-    args = {"data.train": str(data), "train.output_dir": str(run_dir), "train.max_steps": steps,
+    tree = {"data.train": str(data), "train.output_dir": str(out / name), "train.max_steps": steps,
             "train.save_every": 0, "train.eval_every": 0, "train.threads": threads, "train.progress": False,
-            **{k: v for k, v in settings.items() if not k.startswith("method.")}}
-    argv = [sys.executable, "-m", "tunekit.cli", "train", "--config", str(config)]
-    argv += [f"--{k}={v}" for k, v in args.items()]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads((run_dir / "result.json").read_text())
+            **RUNS[name]}
+    result = train_one(tree, config_file(tree, out / "configs" / f"{name}.yaml"), isolate=True)
     return {"run": name, "measured GiB": result["peak_memory_bytes"] / 2**30,
             "planned GiB": (result["planned_peak_bytes"] or 0) / 2**30}
 
@@ -71,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
               f"error {100 * row['error']:+.1f}%", flush=True)
         rows.append(row)
     md = ["| run | planned GiB | measured GiB | error |", "|---|---|---|---|"]
-    md += [f"| {r['run']} | {r['planned GiB']:.2f} | {r['measured GiB']:.2f} | {100 * r['error']:+.1f}% |" for r in rows]
+    md += [f"| {r['run']} | {r['planned GiB']:.2f} | {r['measured GiB']:.2f} | {100 * r['error']:+.1f}% |"
+           for r in rows]
     print("\n" + "\n".join(md), flush=True)
     (out / "plan_check.md").write_text("\n".join(md) + "\n")
     (out / "plan_check.json").write_text(json.dumps(rows, indent=2))

@@ -48,8 +48,8 @@ METHOD_SETTINGS: dict[str, dict] = {
 }
 assert set(METHOD_NAMES) <= set(METHOD_SETTINGS)
 BASELINES = ("select-random", "select-last")  # only when asked for: `--methods select select-random select-last`
-COLUMNS = ["method", "trainable", "trainable %", "peak GiB", "plan GiB", "tokens/s", "eval_loss", "exact_match", "json_valid",
-           "train s"]
+COLUMNS = ["method", "trainable", "trainable %", "peak GiB", "plan GiB", "tokens/s", "eval_loss", "exact_match",
+           "json_valid", "train s"]
 
 
 def method_overrides(method: str) -> dict:
@@ -106,9 +106,10 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
         # only after its evaluation), so an interrupted comparison continues where it stopped.
         done = out_dir / f"{m}.row.json"
         settings = {"tree": tree, "n_test": n_test, "max_new_tokens": max_new_tokens}
-        if done.exists() and json.loads(done.read_text()).get("settings") == settings:
+        finished = json.loads(done.read_text()) if done.exists() else {}
+        if finished.get("settings") == settings:
             print(f"== {m}: reusing the finished run in {run_dir}", flush=True)
-            rows.append(json.loads(done.read_text())["row"])
+            rows.append(finished["row"])
             continue
         print(f"== {m}: training {steps} steps", flush=True)
         t0 = time.perf_counter()
@@ -118,10 +119,11 @@ def run_compare(methods: list[str] | None = None, model: str = "smollm2-135m", s
         full = (run_dir / "config.json").exists()
         report = evaluate(str(paths["test"]), model=str(run_dir) if full else model, adapter=None if full else
                           str(run_dir), limit=n_test, max_new_tokens=max_new_tokens, device=device)
+        planned = result.get("planned_peak_bytes")  # tunekit plan's prediction for this run
         rows.append({"method": m, "trainable": result["trainable_params"],
                      "trainable %": result["trainable_params"] / result["total_params"],
                      "peak GiB": result["peak_memory_bytes"] / 2**30,
-                     "plan GiB": (result.get("planned_peak_bytes") or 0) / 2**30 or None,  # tunekit plan's
+                     "plan GiB": planned / 2**30 if planned else None,
                      "tokens/s": result["tokens_per_s"],
                      "eval_loss": result["eval_loss_after"], "exact_match": report.scores["exact_match"],
                      "json_valid": report.scores["json_valid"], "train s": train_s,

@@ -206,8 +206,8 @@ def vs_reference(out_dir: Path, reference: str, name: str) -> str:
 
 def step_seconds(run_dir: Path) -> float:
     """Time spent in optimizer steps, summed from metrics.jsonl (each step logs its tokens and tokens/s): the same
-    measure for every mode whether or not the run was resumed (wall_time_s restarts with each process); evaluation,
-    loading and offline's teacher generation are not in it."""
+    measure for every mode, also for runs resumed from checkpoints written before wall_time_s carried over resumes;
+    evaluation, loading and offline's teacher generation are not in it."""
     from ..engine.metrics import read_metrics
 
     return sum(r["tokens"] / r["tokens_per_s"] for r in read_metrics(run_dir / "metrics.jsonl")
