@@ -22,7 +22,13 @@ def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_mode
     peers = ["trainer", "tunekit"] + (["trl"] if importlib.util.find_spec("trl") else [])
     rows = main(["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
                  "--threads", "1", "--only", *peers, "--out", str(tmp_path)])
-    assert sorted(r["runner"] for r in rows) == sorted(peers)
+    from tunekit.allocator import in_use, wanted
+
+    malloc = wanted()  # tunekit runs under the malloc `tunekit train` would use; so does one more Trainer run
+    assert sorted(r["runner"] for r in rows) == sorted(peers + (["trainer"] if malloc else []))
+    system = in_use()  # this test process was started without preloading one
+    assert [r["malloc"] for r in rows if r["runner"] == "tunekit"] == [malloc[0] if malloc else system]
+    assert [r["malloc"] for r in rows if r["runner"] == "trainer"] == [system] + ([malloc[0]] if malloc else [])
     saved = json.loads((tmp_path / "bench.json").read_text())
     for row in saved["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 2**20

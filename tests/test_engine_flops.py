@@ -78,3 +78,14 @@ def test_cached_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
     assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 2e11
     assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 2e11
     assert flops.cached_matmul_peak(torch.bfloat16, cpu, tmp_path) == 3e11
+
+
+def test_metrics_and_progress_show_the_peak_memory_so_far(make_config, tmp_path, capsys):
+    cfg = make_config(tmp_path / "run", {"train.max_steps": 3, "train.progress": True})
+    result = train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["peak_memory_gib"] for r in rows if "loss" in r]
+    assert len(peaks) == 3 and all(p > 0 for p in peaks)
+    assert peaks == sorted(peaks)  # a running peak never falls
+    assert peaks[-1] <= result.peak_memory_bytes / 2**30  # the result's peak also covers the final eval
+    assert "peak " in capsys.readouterr().err  # the progress line (plain lines when stderr is not a terminal)

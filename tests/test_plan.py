@@ -186,3 +186,24 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
              label_fraction=0.5, fraction=spec.get("fraction", 0.1))
     chunk = min(n_seq * seq_len // 2 * 512 * 4, LOSS_CHUNK_BYTES) * 2  # transient logits, not saved
     assert abs((p.activations - chunk) / measured - 1) < 0.03
+
+
+def test_cpu_allocator_term_follows_the_malloc(tiny_model_dir, monkeypatch):
+    from tunekit import allocator
+    from tunekit.planner import CPU_HEAP_FACTOR
+
+    kw = dict(method="lora", rank=4, seq_len=64, batch=4, device="cpu")
+    plans = {m: plan(str(tiny_model_dir), malloc=m, **kw) for m in ("tcmalloc", "jemalloc", "glibc")}
+    for m, p in plans.items():
+        assert p.malloc == m and m in p.table()
+        expected = max(0, int((CPU_HEAP_FACTOR[m] - 1) * p.activations) - p.gradients - p.optimizer)
+        assert p.allocator == expected
+        assert p.total - p.allocator == plans["glibc"].total - plans["glibc"].allocator  # only that term differs
+    assert plans["tcmalloc"].total < plans["glibc"].total
+    assert any("keeps growing" in n for n in plans["glibc"].notes)
+    monkeypatch.setattr(allocator, "planned", lambda: "jemalloc")  # default: what `tunekit train` would use here
+    assert plan(str(tiny_model_dir), **kw).total == plans["jemalloc"].total
+    other = plan(str(tiny_model_dir), malloc="musl", **kw)  # unmeasured: glibc's factor, said so
+    assert other.total == plans["glibc"].total and any("no measured factor" in n for n in other.notes)
+    gpu = plan(str(tiny_model_dir), **{**kw, "device": "cuda"})
+    assert gpu.malloc == "" and gpu.allocator == int(0.05 * (gpu.weights + gpu.activations))

@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-params", type=int, default=None, help="select: budget in trainable parameters")
     pl.add_argument("--select-rank", type=int, default=None, help="select: LoRA rank on the selected modules "
                                                                   "(default: full rank)")
+    pl.add_argument("--malloc", default=None, choices=["tcmalloc", "jemalloc", "glibc"],
+                    help="CPU: the malloc to plan for (default: the one tunekit train would use here)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")
@@ -203,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from .allocator import AllocatorError, reexec_under_allocator
+
+    if argv is None:  # the program itself (not a call from Python): training commands run under jemalloc
+        argv = sys.argv[1:]
+        try:
+            reexec_under_allocator(argv)
+        except AllocatorError as e:
+            print(f"tunekit: {e}", file=sys.stderr)
+            return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if argv and argv[0] in ("train", "distill"):
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                               target=args.target, precision=args.precision, device=args.device,
                               label_fraction=args.label_fraction, virtual_tokens=args.virtual_tokens,
                               bottleneck=args.bottleneck, freeze_layers=args.freeze_layers, fraction=args.fraction,
-                              max_params=args.max_params, select_rank=args.select_rank)
+                              max_params=args.max_params, select_rank=args.select_rank, malloc=args.malloc)
             import json
 
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

@@ -14,8 +14,9 @@ a micro-batch of step 2 (weights, adapter, optimizer state and every tensor save
                  packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps fp32 + compute-dtype
                  probabilities), nothing quadratic on CUDA (SDPA keeps a log-sum-exp per row); no gradient
                  checkpointing; the loss gathers label positions and computes logits in ~32 MiB chunks
-    allocator    CPU: holes glibc's heap keeps between saved tensors (CPU_HEAP_FACTOR, the one measured constant),
-                 less the gradients and optimizer state that fill them; CUDA: 5% caching-allocator rounding
+    allocator    CPU: the free memory malloc keeps between saved tensors (CPU_HEAP_FACTOR, the one measured
+                 constant, per malloc: tcmalloc/jemalloc, which the tunekit commands use when installed, or
+                 glibc's), less the gradients and optimizer state that fill it; CUDA: 5% caching-allocator rounding
     overhead     CPU: the measured resident size of Python + torch + transformers + peft + the tokenizer and
                  data before the model loads; CUDA: 0 (the CUDA context is not counted by
                  torch.cuda.max_memory_allocated, which tunekit reports)
@@ -37,11 +38,12 @@ PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "select", "ia3", "bit
 QLORA_BITS = 4 + 8 / 64 + 32 / (256 * 64)  # NF4 + 8-bit block scales + fp32 scale per 256 scales = 4.127
 LOSS_CHUNK_BYTES = 2**23 * 4  # engine/loss.py: chunks of 2**23 fp32 logits (32 MiB)
 CPU_OVERHEAD = 400 * 2**20  # measured: RSS after importing tunekit/torch/transformers/peft + tokenizer + demo data
-# glibc's heap on CPU: the temporaries each layer frees between its saved tensors leave holes that the next
-# allocations only partly reuse, so the heap grows to about this multiple of the saved activations (measured on this
-# machine: peak RSS of 5-step LoRA runs of SmolLM2-135M at 4 and 8 sequences per micro-batch; see the README).
-# Gradients and optimizer state, allocated after the forward pass, land in those holes first.
-CPU_HEAP_FACTOR = 1.9
+# Peak RSS on CPU as a multiple of the saved activations, by malloc (tunekit/allocator.py): the temporaries each
+# layer frees between its saved tensors leave free memory the allocator keeps; gradients and optimizer state,
+# allocated after the forward pass, land in it first. Measured on this machine (README, "Plan memory"):
+# tcmalloc/jemalloc on the peaks of whole 20-step LoRA runs of SmolLM2-135M at 4 and 8 sequences per micro-batch
+# (they stay near their first steps' level); glibc on 5-step runs, and its peak keeps growing after them.
+CPU_HEAP_FACTOR = {"tcmalloc": 1.7, "jemalloc": 1.7, "glibc": 1.9}
 CUDA_OVERHEAD_FRACTION = 0.05  # caching-allocator block rounding on top of live tensors
 GiB = 2**30
 
@@ -173,6 +175,7 @@ class MemoryPlan:
     allocator: int  # CPU: heap holes beyond the live tensors; CUDA: the caching allocator's rounding
     overhead: int
     notes: list[str] = field(default_factory=list)
+    malloc: str = ""  # CPU: the malloc planned for (tcmalloc, jemalloc, glibc)
 
     @property
     def total(self) -> int:
@@ -188,7 +191,7 @@ class MemoryPlan:
         pct = 100 * self.trainable_params / max(self.total_params, 1)
         head = (f"{self.model} / {self.method} / {self.precision} on {self.device}: {self.trainable_params:,} "
                 f"trainable of {self.total_params:,} ({pct:.3f}%), {self.tokens_per_micro_batch:,} tokens per "
-                f"micro-batch")
+                f"micro-batch" + (f", {self.malloc} malloc" if self.malloc else ""))
         lines = [head, f"{'term':<20} {'GiB':>9}"] + [f"{k:<20} {v / GiB:>9.3f}" for k, v in self.rows()]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -296,8 +299,9 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
 def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, batch: int = 8, rank: int = 16,
          target: str = "all-linear", precision: str = "bf16", device: str = "cpu", label_fraction: float = 0.5,
          virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1, fraction: float | None = 0.1,
-         max_params: int | None = None, select_rank: int | None = None) -> MemoryPlan:
-    """Predicted peak memory of `tunekit train` for this model and method (see the module docstring)."""
+         max_params: int | None = None, select_rank: int | None = None, malloc: str | None = None) -> MemoryPlan:
+    """Predicted peak memory of `tunekit train` for this model and method (see the module docstring). `malloc`
+    (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
     if precision not in ("bf16", "fp32"):
@@ -369,15 +373,25 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     if method == "full":
         acts += 4 * embed  # the head's gradient is made in the loss's forward pass
     if device == "cpu":
+        from .allocator import planned
+
+        malloc = malloc or planned()
+        if malloc not in CPU_HEAP_FACTOR:  # another system malloc (musl, macOS): glibc's figure, unmeasured
+            notes.append(f"malloc {malloc}: no measured factor, planned as glibc")
+        elif malloc == "glibc":
+            notes.append("glibc malloc: the peak keeps growing after the first steps (measured +17% by step 20, "
+                         "+27..41% by step 40); tcmalloc (apt install libtcmalloc-minimal4) keeps it flat")
         overhead = CPU_OVERHEAD
-        allocator = max(0, int((CPU_HEAP_FACTOR - 1) * acts) - gradients - optimizer)
+        allocator = max(0, int((CPU_HEAP_FACTOR.get(malloc, CPU_HEAP_FACTOR["glibc"]) - 1) * acts)
+                        - gradients - optimizer)
     else:
+        malloc = ""
         overhead = 0  # the CUDA context (~0.5 GiB) is outside torch.cuda.max_memory_allocated
         allocator = int(CUDA_OVERHEAD_FRACTION * (weights + acts))
     return MemoryPlan(model=s.name, method=method, device=device, precision=precision, tokens_per_micro_batch=tokens,
                       trainable_params=n_trainable, total_params=s.total_params() + tr.adapter_params,
                       weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
-                      activations=int(acts), allocator=allocator, overhead=overhead, notes=notes)
+                      activations=int(acts), allocator=allocator, overhead=overhead, notes=notes, malloc=malloc)
 
 
 def free_memory_bytes(device: str = "cpu") -> int | None:
@@ -391,7 +405,8 @@ def free_memory_bytes(device: str = "cpu") -> int | None:
     return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
-def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, precision: str = "bf16") -> MemoryPlan:
+def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, precision: str = "bf16",
+                 malloc: str | None = None) -> MemoryPlan:
     """The plan of a training Config on data with `mean_length` tokens per example (the loop's own numbers)."""
     from .models import resolve_model_path
 
@@ -412,7 +427,7 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 label_fraction=min(1.0, max(label_fraction, 1e-3)),
                 virtual_tokens=getattr(m, "num_virtual_tokens", 20), bottleneck=getattr(m, "bottleneck", 64),
                 freeze_layers=min(freeze_layers, layers), fraction=getattr(m, "fraction", None),
-                max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None))
+                max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None), malloc=malloc)
 
 
 def mean_example_length(stats) -> float:
@@ -420,10 +435,11 @@ def mean_example_length(stats) -> float:
     return stats.total_tokens / max(stats.n_train + stats.n_val, 1)
 
 
-def student_plan(cfg, stats, device, precision: str) -> MemoryPlan:
+def student_plan(cfg, stats, device, precision: str, malloc: str | None = None) -> MemoryPlan:
     """The plan of the run `cfg` on its prepared data, for a torch device and the loop's resolved precision."""
     return plan_for_run(cfg, mean_example_length(stats), stats.label_tokens / stats.total_tokens,
-                        "cuda" if device.type == "cuda" else "cpu", precision if precision in ("bf16", "fp32") else "fp32")
+                        "cuda" if device.type == "cuda" else "cpu", precision if precision in ("bf16", "fp32") else "fp32",
+                        malloc)
 
 
 def run_plan(cfg, stats, device, precision: str) -> MemoryPlan | None:

@@ -72,6 +72,8 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra
                         f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"
                         + ("" if not result.planned_peak_bytes else
                            f"; planned {_fmt_bytes(result.planned_peak_bytes)} (tunekit plan)")),
+        ("malloc", f"{result.allocator or 'n/a'} (TUNEKIT_MALLOC picks it for the tunekit commands; "
+                   f"see tunekit/allocator.py)"),
         ("Eval loss", f"{_fmt_loss(result.eval_loss_before)} before -> {_fmt_loss(result.eval_loss_after)} after"),
         ("Precision / device", f"{result.precision} on {result.device}"),
         ("Wall time", f"{result.wall_time_s:,.0f} s"),

@@ -217,6 +217,9 @@ def main(argv: list[str]) -> None:
     resolve_model_path(spec["model"])  # converts the packaged GGUF once, outside any timing
     result = RUNNERS[spec["runner"]](spec, out)
     result["torch_threads"] = torch.get_num_threads()
+    from ..allocator import in_use
+
+    result["malloc"] = in_use()
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / "result.json")

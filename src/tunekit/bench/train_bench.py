@@ -5,8 +5,11 @@
 
 One run, one machine, the same model, data, LoRA (r=8, alpha=16, q_proj/v_proj, dropout 0.05), learning rate
 and token budget. Every tool runs in its own process (so peak RSS is its own, measured by wait4), one after
-the other; a matmul peak is measured in the same run for MFU. Eval loss is computed afterwards for every
-adapter by one shared scorer (fp32, completion tokens of held-out examples). Writes bench.json, bench.md and
+the other. tunekit runs under the malloc `tunekit train` uses (tcmalloc when installed, tunekit/allocator.py), the
+peers under the system's as their users run them; one more Trainer run under tunekit's malloc shows how much of
+the difference is the allocator (`--no-peer-malloc` leaves it out). A matmul peak is measured in the same run
+for MFU. Eval loss is computed afterwards for every adapter by one shared scorer (fp32, completion tokens of
+held-out examples). Writes bench.json, bench.md and
 bench.png into --out.
 """
 
@@ -31,6 +34,7 @@ ABLATIONS = {
     "fused-adamw": ("tunekit -fused AdamW", {"unfused_adamw": True}),
     "malloc": ("tunekit +malloc tuning (keep freed memory)", {"env": {"TUNEKIT_MALLOC_TUNING": "1"}}),
     "compile": ("tunekit +torch.compile", {"overrides": {"train.compile": "on"}}),
+    "tcmalloc": ("tunekit -tcmalloc/jemalloc (system malloc)", {"env": {"TUNEKIT_MALLOC": "system"}}),
 }
 LABELS = {"trainer": "Trainer + peft (fp32, padded)", "trl": "TRL SFTTrainer (bf16, packing)", "tunekit": "tunekit"}
 
@@ -49,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
                    help="Also run leave-one-out ablations of tunekit (all when given without names).")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's).")
+    p.add_argument("--no-peer-malloc", action="store_true",
+                   help="Leave out the Trainer run under tunekit's malloc.")
     p.add_argument("--out", default="runs/bench", help="Output folder (default runs/bench).")
     return p.parse_args(argv)
 
@@ -70,6 +76,7 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
     spec_path.write_text(json.dumps(dict(spec, out=str(out)), indent=1))
     log = open(out / "log.txt", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", **spec.get("variant", {}).get("env", {}))
+    env.update(malloc_env(spec, env))
     proc = subprocess.Popen([sys.executable, "-m", "tunekit.bench.runners", str(spec_path)], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -79,6 +86,19 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
         tail = (out / "log.txt").read_text()[-3000:]
         raise RuntimeError(f"benchmark run {spec['runner']} failed (exit {proc.returncode}); log {out}/log.txt:\n{tail}")
     return json.loads((out / "result.json").read_text()), usage.ru_maxrss * 1024
+
+
+def malloc_env(spec: dict, env: dict) -> dict:
+    """LD_PRELOAD for a child: tunekit's runs (and a peer run marked `tunekit_malloc`) get the allocator the
+    `tunekit train` command would use (unless the variant sets TUNEKIT_MALLOC=system); other peers get nothing."""
+    from ..allocator import ENV, wanted
+
+    if spec["runner"] == "eval" or not (spec["runner"] == "tunekit" or spec.get("tunekit_malloc")):
+        return {}
+    if env.get(ENV) == "system":
+        return {}
+    w = wanted()
+    return {"LD_PRELOAD": ":".join(x for x in (w[1], env.get("LD_PRELOAD", "")) if x)} if w else {}
 
 
 def throughput(result: dict, warmup: int) -> dict:
@@ -107,11 +127,12 @@ def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
 
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| run | tokens/s | x Trainer | peak RSS GiB | x Trainer | eval loss | MFU (bf16 peak) | tokens |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| run | malloc | tokens/s | x Trainer | peak RSS GiB | x Trainer | eval loss | MFU (bf16 peak) "
+            "| tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r.get('speed_ratio', float('nan')):.2f} | "
+        lines.append(f"| {r['name']} | {r.get('malloc') or '-'} | {r['tokens_per_s']:.0f} | "
+                     f"{r.get('speed_ratio', float('nan')):.2f} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {r.get('memory_ratio', float('nan')):.2f} | "
                      f"{r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% | {r['tokens_seen']:,} |")
     lines.append("")
@@ -167,6 +188,11 @@ def main(argv=None) -> list[dict]:
     print(f"[bench] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
           flush=True)
     runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
+    from ..allocator import wanted
+
+    malloc = wanted()
+    if malloc and not args.no_peer_malloc and "trainer" in (args.only or PEERS):
+        runs.insert(1, (f"{LABELS['trainer']} under {malloc[0]}", dict(base, runner="trainer", tunekit_malloc=True)))
     if args.ablations is not None:
         runs += [(ABLATIONS[k][0], dict(base, runner="tunekit", variant=ABLATIONS[k][1]))
                  for k in (args.ablations or ABLATIONS)]
@@ -176,9 +202,11 @@ def main(argv=None) -> list[dict]:
         t = time.perf_counter()
         result, rss = run_child(spec, out / f"run{i}")
         row = {"name": name, "runner": spec["runner"], "peak_rss_bytes": rss, "precision": result["precision"],
+               "malloc": result.get("malloc"),
                "wall_s": time.perf_counter() - t, "adapter": str(out / f"run{i}" / "adapter"),
                **throughput(result, args.warmup)}
         print(f"[bench]   {row['tokens_per_s']:.0f} tokens/s, peak RSS {rss / 2**30:.2f} GiB, "
+              f"malloc {row['malloc']}, "
               f"{row['tokens_seen']:,} tokens in {row['wall_s']:.0f} s", flush=True)
         rows.append(row)
 

@@ -1,7 +1,8 @@
 """The distillation study on the demo task: teacher vs a 1/3-depth student after SFT and after each KD mode.
 
     python benchmarks/distill_demo.py [--steps 240] [--lr 1e-3] [--n-test 100] [--jobs 2 --threads 1]
-                                      [--modes sft offline logit on-policy] [--out runs/distill240]
+                                      [--modes sft sft-scarce offline logit on-policy] [--scarce-labels 240]
+                                      [--out runs/distill240]
 
 1. data: `steps x batch` demo invoices for training (each seen once; the generator's stream, so the first 1,200
    are the teacher's own training data) and 48 for gold validation, none of them a test invoice
@@ -9,7 +10,9 @@
 3. student: `tunekit shrink --every 3` of the teacher (adapter merged): 10 of 30 layers
 4. one run per mode, same steps / batch / learning rate / method (full fine-tuning of the student):
    sft (gold labels, no teacher), offline (teacher's greedy answers), logit (alpha CE + (1-alpha) KL, on every
-   token), on-policy (first half of the steps as logit, then half the micro-batches sampled by the student)
+   token), on-policy (first half of the steps as logit, then half the micro-batches sampled by the student);
+   sft-scarce: SFT on only the first --scarce-labels gold examples, repeated to fill the same budget, against
+   offline KD on all the prompts without their labels: the case where a teacher adds what labels cannot
 5. exact match of each on the same test invoices; table (Markdown + JSON) and the validation-loss curves (PNG)
    in --out
 Each training run is a `tunekit train` / `tunekit distill` process of its own; --jobs runs several at once.
@@ -32,7 +35,7 @@ from ..demo.pipeline import MAX_NEW_TOKENS, PRESET
 from ..demo.scoring import format_table, markdown_table, paired_exact_test
 from ..evaluate import score_text
 
-MODES = ("sft", "offline", "logit", "on-policy")
+MODES = ("sft", "sft-scarce", "offline", "logit", "on-policy")
 COLUMNS = ["model", "layers", "params", "exact_match", "of teacher", "fields", "json_valid", "vs SFT", "eval_loss",
            "train s"]
 
@@ -73,6 +76,7 @@ def distill_section(mode: str, teacher: str, adapter: str, steps: int) -> dict |
     common = {"teacher": teacher, "teacher_adapter": adapter, "max_new_tokens": MAX_NEW_TOKENS}
     return {
         "sft": None,
+        "sft-scarce": None,
         # Batches of 64 prompts: CPU decoding is bound by reading the weights once per token, whatever the batch.
         "offline": {"mode": "offline", "generate_batch_size": 64, **common},
         # KD on every token: the shrunk student's language model is broken on the prompt text too, and the
@@ -108,7 +112,7 @@ def budget_split(test: Path, out: Path, n_train: int, n_val: int) -> tuple[Path,
 
 def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_test: int = 100, lr: float = 1e-3,
               modes: tuple[str, ...] = MODES, teacher: str = "smollm2-135m", teacher_adapter: str = "runs/demo/lora",
-              every: int = 3, threads: int | None = None, jobs: int = 1) -> list[dict]:
+              every: int = 3, threads: int | None = None, jobs: int = 1, scarce_labels: int = 240) -> list[dict]:
     from ..api import evaluate, shrink
 
     out_dir = Path(out)
@@ -118,6 +122,10 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
     if not paths["test"].exists() or len(paths["test"].read_text().splitlines()) < n_test:
         paths = write_demo_dataset(demo, n_test=n_test)
     train, val = budget_split(paths["test"], out_dir / "data", steps * batch, 48)
+    # The labelled few: the first scarce_labels training examples (a prefix, so the other modes' prompts include
+    # them); the loader cycles them (train.max_steps) to fill the same steps x batch budget.
+    scarce = out_dir / "data" / f"train_{scarce_labels}.jsonl"
+    scarce.write_text("".join(train.read_text().splitlines(keepends=True)[:scarce_labels]))
     if not (Path(teacher_adapter) / "adapter_config.json").exists():
         print(f"== teacher adapter {teacher_adapter} missing: training it with {PRESET.name}", flush=True)
         run_cli(["train", "--config", str(PRESET), "--train.output_dir", teacher_adapter], out_dir / "teacher.log")
@@ -152,7 +160,8 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
                  "fields": field_mean(s0)})
     todo = []
     for mode in modes:  # a finished run of the same config is reused (rerun the study after a change)
-        tree = base_tree(str(student), train, val, out_dir / mode, steps, batch, lr, threads)
+        tree = base_tree(str(student), scarce if mode == "sft-scarce" else train, val, out_dir / mode, steps,
+                         batch, lr, threads)
         section = distill_section(mode, teacher, teacher_adapter, steps)
         if section:
             tree["distill"] = section
@@ -180,7 +189,9 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
         run_dir = out_dir / mode
         result = json.loads((run_dir / "result.json").read_text())
         s = score(str(run_dir), None, mode)
-        rows.append({"model": f"student + {mode}" if mode != "sft" else "student + SFT on gold labels",
+        label = {"sft": "student + SFT on gold labels",
+                 "sft-scarce": f"student + SFT on {scarce_labels} gold labels only"}.get(mode, f"student + {mode}")
+        rows.append({"model": label,
                      "layers": len(report["kept_layers"]), "params": report["student_params"],
                      "exact_match": s["exact_match"], "json_valid": s["json_valid"], "fields": field_mean(s),
                      "eval_loss": result["eval_loss_after"], "train s": step_seconds(run_dir)})
@@ -188,8 +199,15 @@ def run_study(out: str = "runs/distill240", steps: int = 240, batch: int = 8, n_
         for row, name in zip(rows, ["teacher", "student0", *modes]):
             if name != "sft":
                 row["vs SFT"] = vs_reference(out_dir, "sft", name)
+    notes = []
+    # Labels scarce: offline is the one mode that uses no gold label (logit and on-policy mix gold CE on every
+    # prompt), so it alone is paired against SFT on the few labels.
+    if "sft-scarce" in modes and "offline" in modes:
+        notes.append(f"offline (teacher answers, no gold labels) vs SFT on {scarce_labels} gold labels: "
+                     f"{vs_reference(out_dir, 'sft-scarce', 'offline')}")
     write_outputs(rows, out_dir, t["exact_match"], f"{steps} steps x {batch} examples (each training prompt seen "
-                  f"once), full fine-tuning, lr {lr}, {n_test} test invoices")
+                  f"once; sft-scarce: {scarce_labels} examples seen {steps * batch / scarce_labels:.0f} times), "
+                  f"full fine-tuning, lr {lr}, {n_test} test invoices", notes)
     plot_curves(out_dir, modes)
     return rows
 
@@ -201,7 +219,7 @@ def vs_reference(out_dir: Path, reference: str, name: str) -> str:
         return [json.loads(x)["exact"] for x in (out_dir / f"{n}_predictions.jsonl").read_text().splitlines()]
 
     wins, losses, p = paired_exact_test(exact(reference), exact(name))
-    return f"+{wins}/-{losses} (p {p:.2f})"
+    return f"+{wins}/-{losses} (p {p:.2f})" if p >= 0.01 else f"+{wins}/-{losses} (p {p:.0e})"
 
 
 def step_seconds(run_dir: Path) -> float:
@@ -218,14 +236,17 @@ def newest_mtime(path: Path) -> float:
     return max((p.stat().st_mtime for p in [path, *path.glob("*")] if p.exists()), default=0.0)
 
 
-def write_outputs(rows: list[dict], out_dir: Path, teacher_em: float, budget: str) -> None:
+def write_outputs(rows: list[dict], out_dir: Path, teacher_em: float, budget: str, notes: list[str] = ()) -> None:
     for r in rows:
         r["of teacher"] = r["exact_match"] / teacher_em if teacher_em else None
     table = format_table(rows, COLUMNS)
-    print(f"\n{budget}\n{table}\n", flush=True)
+    tail = "".join(f"\n{n}" for n in notes)
+    print(f"\n{budget}\n{table}\n{tail}\n", flush=True)
     md = markdown_table(rows, COLUMNS, _cell)
-    (out_dir / "distill.md").write_text(f"Budget: {budget}\n\n" + md + "\n")
-    (out_dir / "distill.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
+    (out_dir / "distill.md").write_text(f"Budget: {budget}\n\n" + md + "\n" + "".join(f"\n- {n}" for n in notes)
+                                        + ("\n" if notes else ""))
+    (out_dir / "distill.json").write_text(json.dumps({"budget": budget, "rows": rows, "notes": list(notes)},
+                                                     indent=2))
 
 
 def plot_curves(out_dir: Path, modes) -> None:
@@ -276,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--scarce-labels", type=int, default=240, help="gold examples sft-scarce may use")
     p.add_argument("--teacher-adapter", default="runs/demo/lora")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (1 when sharing the CPU)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (give each --threads cores/jobs)")
@@ -285,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(a.threads)
     run_study(a.out, a.steps, a.batch, a.n_test, a.lr, tuple(a.modes), teacher_adapter=a.teacher_adapter,
-              threads=a.threads, jobs=a.jobs)
+              threads=a.threads, jobs=a.jobs, scarce_labels=a.scarce_labels)
 
 
 if __name__ == "__main__":

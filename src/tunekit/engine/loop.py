@@ -22,6 +22,7 @@ import torch
 
 from ..config import Config, config_to_yaml
 from ..data import prepare_data
+from ..allocator import in_use
 from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
@@ -57,6 +58,7 @@ class TrainResult:
     energy: dict | None = None  # engine/energy.py EnergyReport, or None with energy_note saying why
     energy_note: str = ""
     planned_peak_bytes: int | None = None  # planner.py's prediction for this run (None when it cannot plan it)
+    allocator: str = ""  # the malloc serving CPU memory: tcmalloc, jemalloc, glibc (tunekit/allocator.py)
 
 
 class _StopFlag:
@@ -243,6 +245,8 @@ def train(cfg: Config) -> TrainResult:
             loss = loss_total / n_targets
             record = {"step": step, "loss": loss, "lr": lr, "tokens": n_tokens, "tokens_seen": tokens_seen,
                       "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
+                      # Peak so far (RSS on CPU, allocated on CUDA): shows when in a run memory grows.
+                      "peak_memory_gib": peak_memory_bytes(device) / 2**30,
                       **{f"loss_{k}": v / n_targets for k, v in part_totals.items()}}
             if tc.eval_every and step % tc.eval_every == 0 and step < steps and data.validation:
                 record["eval_loss"] = evaluate_loss(model, method, data.validation, *eval_args)
@@ -250,7 +254,8 @@ def train(cfg: Config) -> TrainResult:
             if step % tc.log_every == 0 or "eval_loss" in record or step == steps:
                 log.write(record)
                 sinks.log(record, step)
-            progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / peak)
+            progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / peak,
+                            peak_gib=record["peak_memory_gib"])
             if stop.requested:
                 interrupted = True
                 break
@@ -273,7 +278,7 @@ def train(cfg: Config) -> TrainResult:
         interrupted=interrupted,
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
         matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
-        planned_peak_bytes=memory_plan.total if memory_plan else None,
+        planned_peak_bytes=memory_plan.total if memory_plan else None, allocator=in_use(),
     )
     if interrupted:
         print(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "

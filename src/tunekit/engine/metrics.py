@@ -85,12 +85,15 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, lr: float, mfu: float | None = None) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float, mfu: float | None = None,
+               peak_gib: float | None = None) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             extra = {"mfu": f"{100 * mfu:.0f}%"} if mfu is not None else {}
+            if peak_gib is not None:
+                extra["peak"] = f"{peak_gib:.2f}GiB"
             self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", **extra, lr=f"{lr:.2e}")
             return
         every = max(1, self.total // 20)
@@ -98,8 +101,9 @@ class Progress:
             done = step - self._s0
             elapsed = time.perf_counter() - self._t0
             eta = elapsed / done * (self.total - step) if done else float("nan")
-            mfu_text = f"  MFU {100 * mfu:.0f}%" if mfu is not None else ""
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s{mfu_text}  lr {lr:.2e}  "
+            extra_text = f"  MFU {100 * mfu:.0f}%" if mfu is not None else ""
+            extra_text += f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s{extra_text}  lr {lr:.2e}  "
                   f"ETA {eta:,.0f}s", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
