@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .allocator import AllocatorError, reexec_under_allocator
 
-    if argv is None:  # the program itself (not a call from Python): training commands run under jemalloc
+    if argv is None:  # the program itself (not a call from Python): training commands run under tcmalloc
         argv = sys.argv[1:]
         try:
             reexec_under_allocator(argv)
