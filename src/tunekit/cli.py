@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default: full rank)")
     pl.add_argument("--malloc", default=None, choices=["tcmalloc", "jemalloc", "glibc"],
                     help="CPU: the malloc to plan for (default: the one tunekit train would use here)")
+    pl.add_argument("--optim", default="adamw", help="adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                               target=args.target, precision=args.precision, device=args.device,
                               label_fraction=args.label_fraction, virtual_tokens=args.virtual_tokens,
                               bottleneck=args.bottleneck, freeze_layers=args.freeze_layers, fraction=args.fraction,
-                              max_params=args.max_params, select_rank=args.select_rank, malloc=args.malloc)
+                              max_params=args.max_params, select_rank=args.select_rank, malloc=args.malloc,
+                              optim=args.optim)
             import json
 
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

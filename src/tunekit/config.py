@@ -286,6 +286,10 @@ assert tuple(METHODS) == METHOD_NAMES
 
 
 class OptimConfig(Section):
+    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="Optimizer: torch's fused AdamW (fp32 states), or bitsandbytes' AdamW with 8-bit "
+        "block-quantized states (adamw_8bit: 2 instead of 8 bytes per trainable weight; CPU and CUDA) and its "
+        "paged variants (CUDA only: states page to CPU memory under GPU memory pressure).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

@@ -8,7 +8,7 @@ a micro-batch of step 2 (weights, adapter, optimizer state and every tensor save
                  (NF4, block 64, double quantization); plus the bf16 copy of an fp32 head the loss keeps
     adapter      the trainable tensors the method adds (fp32); 0 for full / freeze / bitfit on existing biases
     gradients    fp32, one per trainable weight
-    optimizer    AdamW: two fp32 states per trainable weight
+    optimizer    AdamW: two fp32 states per trainable weight (8-bit AdamW: two uint8 states + block scales)
     activations  tensors autograd saves for backward, per decoder layer, counted from the architecture (hidden h,
                  MLP width i, query width a*d, key/value width k*d, tokens N = batch x mean sequence length with
                  packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps fp32 + compute-dtype
@@ -299,15 +299,19 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
 def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, batch: int = 8, rank: int = 16,
          target: str = "all-linear", precision: str = "bf16", device: str = "cpu", label_fraction: float = 0.5,
          virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1, fraction: float | None = 0.1,
-         max_params: int | None = None, select_rank: int | None = None, malloc: str | None = None) -> MemoryPlan:
+         max_params: int | None = None, select_rank: int | None = None, malloc: str | None = None,
+         optim: str = "adamw") -> MemoryPlan:
     """Predicted peak memory of `tunekit train` for this model and method (see the module docstring). `malloc`
-    (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use."""
+    (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use. `optim`:
+    optim.name (adamw, adamw_8bit, paged_adamw, paged_adamw_8bit)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise PlanError(f"precision {precision!r}: choose bf16 or fp32")
     if device not in ("cpu", "cuda"):
         raise PlanError(f"device {device!r}: choose cpu or cuda")
+    if optim not in ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        raise PlanError(f"optim {optim!r}: choose adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
     if target not in TARGETS:
         raise PlanError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
     for name, v in (("seq_len", seq_len), ("batch", batch), ("rank", rank), ("virtual_tokens", virtual_tokens),
@@ -348,7 +352,8 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     # --- trainable state ----------------------------------------------------------------------------------------
     adapter = 4 * tr.adapter_params
     gradients = 4 * n_trainable
-    optimizer = 8 * n_trainable
+    # AdamW: two fp32 moments; bitsandbytes 8-bit: two uint8 moments + an fp32 absmax per 2,048-value block
+    optimizer = 8 * n_trainable if not optim.endswith("8bit") else int(2 * n_trainable * (1 + 4 / 2048))
 
     # --- activations --------------------------------------------------------------------------------------------
     prompt_like = method in ("prefix", "prompt", "ptuning")
@@ -427,7 +432,8 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 label_fraction=min(1.0, max(label_fraction, 1e-3)),
                 virtual_tokens=getattr(m, "num_virtual_tokens", 20), bottleneck=getattr(m, "bottleneck", 64),
                 freeze_layers=min(freeze_layers, layers), fraction=getattr(m, "fraction", None),
-                max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None), malloc=malloc)
+                max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None), malloc=malloc,
+                optim=cfg.optim.name)
 
 
 def mean_example_length(stats) -> float:
