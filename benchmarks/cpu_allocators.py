@@ -35,10 +35,10 @@ def allocator_env(name: str) -> dict[str, str] | None:
     return {**keep, "LD_PRELOAD": lib} if lib else None
 
 
-def peak_after(metrics: Path, step: int) -> float | None:
+def peaks_by_step(metrics: Path) -> dict[int, float]:
+    """metrics.jsonl's running peak (GiB) at each logged training step."""
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    hits = [r["peak_memory_gib"] for r in rows if r.get("step") == step and "peak_memory_gib" in r]
-    return hits[0] if hits else None
+    return {r["step"]: r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        metrics = out / name / "metrics.jsonl"
-        row = {"allocator": name, **{f"step {s}": peak_after(metrics, s) for s in (5, 10, 20) if s < a.steps},
+        peaks = peaks_by_step(out / name / "metrics.jsonl")
+        row = {"allocator": name, **{f"step {s}": peaks.get(s) for s in (5, 10, 20) if s < a.steps},
                "peak GiB": result["peak_memory_bytes"] / 2**30,
                "plan GiB": (result["planned_peak_bytes"] or 0) / 2**30, "tokens/s": result["tokens_per_s"]}
         print("   " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)

@@ -36,9 +36,8 @@ def run_one(name: str, steps: int, threads: int, out: Path, data: Path, reuse: b
             "train.save_every": 0, "train.eval_every": 0, "train.threads": threads, "train.progress": False,
             **RUNS[name]}
     done = out / name / "result.json"
-    if reuse and done.exists() and json.loads(done.read_text())["steps"] == steps:
-        result = json.loads(done.read_text())
-    else:
+    result = json.loads(done.read_text()) if reuse and done.exists() else {}
+    if result.get("steps") != steps:
         result = train_one(tree, config_file(tree, out / "configs" / f"{name}.yaml"), isolate=True)
     p = replan(out / name, result)
     g = 2**30

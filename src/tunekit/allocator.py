@@ -99,6 +99,11 @@ def planned() -> str:
     return w[0] if w else current
 
 
+def preload(path: str, env: dict) -> str:
+    """LD_PRELOAD with `path` first and whatever `env` already preloads after it."""
+    return ":".join(x for x in (path, env.get("LD_PRELOAD", "")) if x)
+
+
 def reexec_under_allocator(argv: list[str]) -> None:
     """Replace this process by `python -m tunekit.cli *argv` with the wanted allocator preloaded (same PID, so
     Ctrl-C and exit codes behave as before); returns only when nothing needs to change."""
@@ -111,7 +116,7 @@ def reexec_under_allocator(argv: list[str]) -> None:
     if w is None or current == w[0]:
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(x for x in (w[1], env.get("LD_PRELOAD", "")) if x)
+    env["LD_PRELOAD"] = preload(w[1], env)
     env[GUARD] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import Config, ConfigError, config_to_yaml, describe_fields, load_config, parse_value
+from .config import OPTIMIZERS, Config, ConfigError, config_to_yaml, describe_fields, load_config, parse_value
 
 TRAIN_USAGE = """usage: tunekit train [--config FILE.yaml] [--section.key VALUE ...] [--resume] [--print-config]
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default: full rank)")
     pl.add_argument("--malloc", default=None, choices=["tcmalloc", "jemalloc", "glibc"],
                     help="CPU: the malloc to plan for (default: the one tunekit train would use here)")
-    pl.add_argument("--optim", default="adamw", help="adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
+    pl.add_argument("--optim", default="adamw", choices=OPTIMIZERS, help="optimizer (optim.name)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")

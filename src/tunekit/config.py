@@ -285,8 +285,11 @@ METHODS: dict[str, type[Section]] = {
 assert tuple(METHODS) == METHOD_NAMES
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
 class OptimConfig(Section):
-    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+    name: Literal[OPTIMIZERS] = Field(
         "adamw", description="Optimizer: torch's fused AdamW (fp32 states), or bitsandbytes' AdamW with 8-bit "
         "block-quantized states (adamw_8bit: 2 instead of 8 bytes per trainable weight; CPU and CUDA) and its "
         "paged variants (CUDA only: states page to CPU memory under GPU memory pressure).")

@@ -32,6 +32,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import OPTIMIZERS
+
 MODEL_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
 PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "select", "ia3", "bitfit", "prefix", "prompt", "ptuning",
                 "adapter")
@@ -303,15 +305,15 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
          optim: str = "adamw") -> MemoryPlan:
     """Predicted peak memory of `tunekit train` for this model and method (see the module docstring). `malloc`
     (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use. `optim`:
-    optim.name (adamw, adamw_8bit, paged_adamw, paged_adamw_8bit)."""
+    optim.name (config.OPTIMIZERS)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise PlanError(f"precision {precision!r}: choose bf16 or fp32")
     if device not in ("cpu", "cuda"):
         raise PlanError(f"device {device!r}: choose cpu or cuda")
-    if optim not in ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
-        raise PlanError(f"optim {optim!r}: choose adamw, adamw_8bit, paged_adamw or paged_adamw_8bit")
+    if optim not in OPTIMIZERS:
+        raise PlanError(f"optim {optim!r}: choose one of {', '.join(OPTIMIZERS)}")
     if target not in TARGETS:
         raise PlanError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
     for name, v in (("seq_len", seq_len), ("batch", batch), ("rank", rank), ("virtual_tokens", virtual_tokens),
@@ -444,8 +446,8 @@ def mean_example_length(stats) -> float:
 def student_plan(cfg, stats, device, precision: str, malloc: str | None = None) -> MemoryPlan:
     """The plan of the run `cfg` on its prepared data, for a torch device and the loop's resolved precision."""
     return plan_for_run(cfg, mean_example_length(stats), stats.label_tokens / stats.total_tokens,
-                        "cuda" if device.type == "cuda" else "cpu", precision if precision in ("bf16", "fp32") else "fp32",
-                        malloc)
+                        "cuda" if device.type == "cuda" else "cpu",
+                        precision if precision in ("bf16", "fp32") else "fp32", malloc)
 
 
 def run_plan(cfg, stats, device, precision: str) -> MemoryPlan | None:

@@ -91,14 +91,12 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
 def malloc_env(spec: dict, env: dict) -> dict:
     """LD_PRELOAD for a child: tunekit's runs (and a peer run marked `tunekit_malloc`) get the allocator the
     `tunekit train` command would use (unless the variant sets TUNEKIT_MALLOC=system); other peers get nothing."""
-    from ..allocator import ENV, wanted
+    from ..allocator import ENV, preload, wanted
 
-    if spec["runner"] == "eval" or not (spec["runner"] == "tunekit" or spec.get("tunekit_malloc")):
-        return {}
-    if env.get(ENV) == "system":
+    if not (spec["runner"] == "tunekit" or spec.get("tunekit_malloc")) or env.get(ENV) == "system":
         return {}
     w = wanted()
-    return {"LD_PRELOAD": ":".join(x for x in (w[1], env.get("LD_PRELOAD", "")) if x)} if w else {}
+    return {"LD_PRELOAD": preload(w[1], env)} if w else {}
 
 
 def throughput(result: dict, warmup: int) -> dict:

@@ -1,4 +1,5 @@
-"""AdamW (torch fused, or bitsandbytes 8-bit / paged) with decoupled weight decay groups and a warmup + cosine/linear/constant learning-rate schedule."""
+"""AdamW (torch fused, or bitsandbytes 8-bit / paged) with decoupled weight decay groups, and a warmup +
+cosine/linear/constant learning-rate schedule."""
 
 from __future__ import annotations
 

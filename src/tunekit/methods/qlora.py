@@ -82,8 +82,8 @@ def autocast_linear4bit_class() -> type:
     bitsandbytes casts each output back to its input's dtype. Under bf16 autocast the RMSNorm outputs that q/k/v and
     gate/up read are fp32, so their outputs came back fp32 and everything autograd saves after them (RoPE'd q/k, the
     MLP's gate, activation and up outputs) was kept at twice the size of the LoRA path's: 25% more saved activations
-    on a tiny Llama (tests/test_plan.py), and a peak RSS 21-24% above LoRA r16's on SmolLM2-135M. Casting the input to the autocast
-    dtype first makes that final cast a no-op when compute_dtype is the autocast dtype.
+    on a tiny Llama (tests/test_plan.py), and a peak RSS 21-24% above LoRA r16's on SmolLM2-135M. Casting the input
+    to the autocast dtype first makes that final cast a no-op when compute_dtype is the autocast dtype.
     """
     import bitsandbytes as bnb
 
