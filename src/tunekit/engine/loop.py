@@ -24,6 +24,7 @@ from ..config import Config, config_to_yaml
 from ..data import prepare_data
 from ..allocator import in_use
 from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
+from ..methods.lora_kernel import use_fast_lora_
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -155,6 +156,8 @@ def train(cfg: Config) -> TrainResult:
     model = method.apply(model).to(device)
     if precision == "bf16":
         cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts
+    if tc.fused_lora:
+        use_fast_lora_(model)  # LoRA layers (if any): the adapter branch as one node, cheaper dropout
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))

@@ -1,0 +1,130 @@
+"""A faster training forward/backward for peft's LoRA linear layers (same parameters, same saved adapters).
+
+peft computes the adapter branch as `lora_B(lora_A(dropout(x))) * scaling`: five autograd nodes, each with its own
+copies (dropout mask in the input dtype, autocast casts of x, A and B, the scaling multiply), and torch's dropout
+draws one float per element (`bernoulli_`), which on a CPU costs more than the branch's two matmuls: measured on
+2 cores for a (2300, 576) fp32 input, F.dropout 10.6 ms against 2.1 ms for the mask below. Per SmolLM2-135M
+training step with LoRA on q_proj and v_proj that is 60 dropouts, ~12% of the step.
+
+`LoraBranch` computes the same branch as one autograd node:
+
+    forward:  xd = x * keep / (1 - p)      keep ~ Bernoulli(1 - p), drawn 16 bits per element from random int64 words
+              y  = (xd @ A^T) @ (s·B)^T    in the compute dtype (bf16 under autocast), s = peft's scaling
+    backward: gh = gy @ (s·B)              (T, r)
+              dB = s · gy^T @ h,  dA = gh^T @ xd,  dx = (gh @ A) * keep / (1 - p)
+
+and `fast_forward` replaces the forward of peft `lora.Linear` layers in the plain case (one active adapter, not
+merged, no DoRA or other variant, dropout or no dropout); anything else goes through peft's own forward. The
+dropout probability is rounded to a multiple of 1/65536 (0.05 -> 0.0500030...). The mask uses torch's default
+generator, so seeded runs repeat and resumed runs continue the same random stream.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+_MASK_BITS = 16  # each int64 word from torch's generator gives four 16-bit uniforms
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool tensor of `shape`, True with probability 1 - p (p rounded to a multiple of 2**-16)."""
+    n = 1
+    for d in shape:
+        n *= d
+    # randint over the whole int64 range: every bit random (random_() leaves the sign bit 0, which would make
+    # the top 16-bit lane of each word never drop).
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    u = words.view(torch.int16)[:n].view(shape)  # uniform on [-2**15, 2**15)
+    threshold = -(2 ** (_MASK_BITS - 1)) + round(p * 2**_MASK_BITS)
+    return u >= threshold
+
+
+def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the branch's matmuls run in: autocast's when it is on, else the adapter weights' (as peft)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight_dtype
+
+
+class LoraBranch(torch.autograd.Function):
+    """x (..., in), A (r, in), B (out, r) -> s · dropout_p(x) @ A^T @ B^T  (..., out), in `dtype`."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling: float, p: float, dtype: torch.dtype):
+        xc = x.to(dtype)
+        keep = None
+        if p > 0.0:
+            keep = keep_mask(xc.shape, p, xc.device)  # (..., in) bool
+            xc = torch.where(keep, xc * (1.0 / (1.0 - p)), 0.0)
+        a = A.to(dtype)  # (r, in)
+        sb = (B * scaling).to(dtype)  # (out, r): the scaling folded into the small matrix
+        h = xc @ a.t()  # (..., r)
+        ctx.save_for_backward(xc, keep, h, a, sb)
+        ctx.scaling, ctx.p, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = scaling, p, x.dtype, A.dtype, B.dtype
+        return h @ sb.t()  # (..., out)
+
+    @staticmethod
+    def backward(ctx, gy):
+        xd, keep, h, a, sb = ctx.saved_tensors
+        gy = gy.to(a.dtype)
+        gh = gy @ sb  # (..., r), includes the scaling
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = gh @ a  # (..., in)
+            if keep is not None:
+                dx = torch.where(keep, dx * (1.0 / (1.0 - ctx.p)), 0.0)
+            dx = dx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dA = (gh.flatten(0, -2).t() @ xd.flatten(0, -2)).to(ctx.A_dtype)  # (r, in)
+        if ctx.needs_input_grad[2]:
+            dB = (gy.flatten(0, -2).t() @ h.flatten(0, -2)).to(ctx.B_dtype) * ctx.scaling  # (out, r)
+        return dx, dA, dB, None, None, None
+
+
+def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
+    """The adapter branch of one LoRA linear layer: x (..., in) -> (..., out) in the compute dtype."""
+    return LoraBranch.apply(x, A, B, scaling, p, compute_dtype(x, A.dtype))
+
+
+def _plain_adapter(layer) -> str | None:
+    """The one active adapter of `layer` when peft's plain LoRA path applies to it, else None."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    dropout = layer.lora_dropout[active[0]]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return None
+    return active[0]
+
+
+def fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Instance forward for a peft lora.Linear: base layer + LoraBranch; peft's forward for other cases."""
+    # Under torch.compile peft's own forward is traced (our Function's random_ would break the graph each call).
+    name = None if (args or kwargs or torch.compiler.is_compiling()) else _plain_adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    dtype = compute_dtype(x, self.lora_A[name].weight.dtype)
+    xc = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x  # one cast shared by base and branch
+    result = base(xc)
+    branch = LoraBranch.apply(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dtype)
+    return (result + branch.to(result.dtype)).to(result.dtype)
+
+
+def use_fast_lora_(model: nn.Module) -> int:
+    """Route the plain-LoRA forward of every peft lora.Linear in `model` through LoraBranch (mutates the
+    modules' forward in place); returns how many layers were switched."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and isinstance(module.get_base_layer(), nn.Linear):
+            module.forward = types.MethodType(fast_forward, module)
+            n += 1
+    return n
