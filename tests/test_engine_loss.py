@@ -232,6 +232,21 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_matches_autocast_referen
     torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-3)  # bf16 rounding of softmax - onehot
 
 
+def test_fused_linear_cross_entropy_for_targets_the_model_rules_out():
+    """A target with probability below fp32's normal range (loss > 69 nats) still gets the exact loss."""
+    from tunekit.engine.loss import linear_cross_entropy_sum
+
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 0.5], [0.0, -0.5]])
+    targets = torch.tensor([1, 0, 2])  # row 0: logit gap 200 (p = e^-200 underflows fp32); row 1: tie; row 2: easy
+    ours = linear_cross_entropy_sum(h, weight, None, targets)
+    ref = _reference_ce(h.double(), weight.double(), None, targets)
+    assert torch.isfinite(ours) and abs(float(ours) - float(ref)) < 1e-3 * float(ref)
+    (grad,) = torch.autograd.grad(ours, h)
+    (ref_grad,) = torch.autograd.grad(_reference_ce(h, weight, None, targets), h)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def test_cached_head_cast_follows_weight_updates():
     from tunekit.engine.loss import linear_cross_entropy_sum
 

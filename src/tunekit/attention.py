@@ -43,7 +43,7 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
 
 
 def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Causal attention with grouped KV heads as two batched matmuls, softmax in fp32.
+    """Causal attention with grouped KV heads as two batched matmuls.
 
     q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D). For the short sequences of fine-tuning data
     (a few hundred tokens) this runs forward+backward faster on CPU than SDPA's flash kernel (measured, 2 cores,
@@ -51,6 +51,9 @@ def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     L x L scores of one sequence are small. Query head h uses KV head h // (H // Hkv), as in transformers'
     repeat_kv. The causal mask is an additive bias fused into the first matmul (baddbmm) and the scale is applied
     to q, the smaller tensor: both save a pass over the (G*L, L) scores (31 -> 23 ms in the measurement above).
+    The softmax runs in the scores' dtype (torch's CPU kernel computes a bf16 row in fp32 and rounds the result
+    once, as a cast of an fp32 softmax would): no fp32 copy of the probabilities is made or kept for backward
+    (23 -> 21 ms; relative error of dq against an fp32 reference 5.5e-3 instead of 5.2e-3).
     """
     B, H, L, D = q.shape
     Hkv = k.shape[1]
@@ -58,7 +61,7 @@ def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qg = (q * (scale if scale is not None else D**-0.5)).reshape(B * Hkv, groups * L, D)  # (B*Hkv, G*L, D)
     scores = torch.baddbmm(_causal_bias(L, groups, q.dtype, q.device), qg,
                            k.reshape(B * Hkv, L, D).transpose(1, 2))  # (B*Hkv, G*L, L)
-    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    probs = scores.softmax(-1)  # in the input dtype: torch's CPU kernel accumulates bf16 rows in fp32
     return torch.bmm(probs, v.reshape(B * Hkv, L, D)).view(B, H, L, D)
 
 

@@ -11,7 +11,7 @@ a micro-batch of step 2 (weights, adapter, optimizer state and every tensor save
     optimizer    AdamW: two fp32 states per trainable weight (8-bit AdamW: two uint8 states + block scales)
     activations  tensors autograd saves for backward, per decoder layer, counted from the architecture (hidden h,
                  MLP width i, query width a*d, key/value width k*d, tokens N = batch x mean sequence length with
-                 packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps fp32 + compute-dtype
+                 packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps the compute-dtype
                  probabilities), nothing quadratic on CUDA (SDPA keeps a log-sum-exp per row); no gradient
                  checkpointing; the loss gathers label positions and computes logits in ~32 MiB chunks
     allocator    CPU: the free memory malloc keeps between saved tensors (CPU_HEAP_FACTOR, the one measured
@@ -263,8 +263,7 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
     Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h); RoPE's cos and sin
     (2 x c x d); the MLP's gate output, its activation and the up output (3 x c x i; 2 without a gate). On CPU
     tunekit's attention (attention.py) keeps the scaled query, the keys and the values of each sequence
-    (c x (a*d + 2 k*d)) and its probabilities in fp32 and in the compute dtype (a x L^2 x (4 + c); in fp32 the
-    cast is a no-op). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
+    (c x (a*d + 2 k*d)) and its probabilities in the compute dtype (a x L^2 x c). On CUDA, SDPA keeps query, key/value at their widths, its output and a log-sum-exp per head and row.
     A trained weight (LoRA's A, or the weight itself) keeps its layer's input: under bf16 autocast every linear
     reading the fp32 norm output casts it anew (c x h per such linear); in fp32 they share the norm output (4h
     per block); o_proj and down_proj read compute-dtype tensors (c x a*d, c x i). LoRA adds A's output (c x r).
@@ -276,7 +275,7 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
     per_token = 2 * 4 * h + 2 * c * d + n_mlp_out * c * i + tr.extra_per_token
     if device == "cpu":
         per_token += c * (q + 2 * kv)
-        quadratic = seqs * s.heads * seq_len**2 * (4 + (c if c == 2 else 0))
+        quadratic = seqs * s.heads * seq_len**2 * c
     else:
         per_token += c * (2 * q + 2 * kv) + 4 * s.heads
         quadratic = 0

@@ -8,10 +8,11 @@ training step with LoRA on q_proj and v_proj that is 60 dropouts, ~12% of the st
 
 `LoraBranch` computes the same branch as one autograd node:
 
-    forward:  xd = x * keep / (1 - p)      keep ~ Bernoulli(1 - p), drawn 16 bits per element from random int64 words
-              y  = (xd @ A^T) @ (s·B)^T    in the compute dtype (bf16 under autocast), s = peft's scaling
-    backward: gh = gy @ (s·B)              (T, r)
-              dB = s · gy^T @ h,  dA = gh^T @ xd,  dx = (gh @ A) * keep / (1 - p)
+    forward:  xm = x * keep               keep ~ Bernoulli(1 - p), drawn 16 bits per element from random int64 words
+              h  = xm @ (A / (1 - p))^T   dropout's rescale and peft's scaling s go on the small matrices
+              y  = h @ (s·B)^T            in the compute dtype (bf16 under autocast)
+    backward: gh = gy @ (s·B)             (T, r)
+              dB = s · gy^T @ h,  dA = gh^T @ xm / (1 - p),  dx = (gh @ A / (1 - p)) * keep
 
 and `fast_forward` replaces the forward of peft `lora.Linear` layers in the plain case (one active adapter, not
 merged, no DoRA or other variant, dropout or no dropout); anything else goes through peft's own forward. The
@@ -53,31 +54,32 @@ class LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, scaling: float, p: float, dtype: torch.dtype):
-        xc = x.to(dtype)
+        xm = x.to(dtype)
         keep = None
         if p > 0.0:
-            keep = keep_mask(xc.shape, p, xc.device)  # (..., in) bool
-            xc = torch.where(keep, xc * (1.0 / (1.0 - p)), 0.0)
-        a = A.to(dtype)  # (r, in)
+            keep = keep_mask(xm.shape, p, xm.device)  # (..., in) bool
+            xm = torch.where(keep, xm, 0.0)  # dropped, not yet rescaled: the 1/(1-p) goes into A below
+        inv = 1.0 / (1.0 - p)
+        a = (A * inv).to(dtype) if p > 0.0 else A.to(dtype)  # (r, in): dropout's rescale on the small matrix
         sb = (B * scaling).to(dtype)  # (out, r): the scaling folded into the small matrix
-        h = xc @ a.t()  # (..., r)
-        ctx.save_for_backward(xc, keep, h, a, sb)
-        ctx.scaling, ctx.p, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = scaling, p, x.dtype, A.dtype, B.dtype
+        h = xm @ a.t()  # (..., r) = dropout(x) @ A^T
+        ctx.save_for_backward(xm, keep, h, a, sb)
+        ctx.scaling, ctx.inv, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = scaling, inv, x.dtype, A.dtype, B.dtype
         return h @ sb.t()  # (..., out)
 
     @staticmethod
     def backward(ctx, gy):
-        xd, keep, h, a, sb = ctx.saved_tensors
+        xm, keep, h, a, sb = ctx.saved_tensors
         gy = gy.to(a.dtype)
         gh = gy @ sb  # (..., r), includes the scaling
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
-            dx = gh @ a  # (..., in)
+            dx = gh @ a  # (..., in), includes 1/(1-p)
             if keep is not None:
-                dx = torch.where(keep, dx * (1.0 / (1.0 - ctx.p)), 0.0)
+                dx = torch.where(keep, dx, 0.0)
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dA = (gh.flatten(0, -2).t() @ xd.flatten(0, -2)).to(ctx.A_dtype)  # (r, in)
+            dA = (gh.flatten(0, -2).t() @ xm.flatten(0, -2)).to(ctx.A_dtype) * ctx.inv  # (r, in)
         if ctx.needs_input_grad[2]:
             dB = (gy.flatten(0, -2).t() @ h.flatten(0, -2)).to(ctx.B_dtype) * ctx.scaling  # (out, r)
         return dx, dA, dB, None, None, None
