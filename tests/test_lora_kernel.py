@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunekit.methods.lora_kernel import LoraBranch, keep_mask, lora_branch, use_fast_lora_
+from tunekit.methods.lora_kernel import LoraBranch, apply_bits, keep_bits, keep_mask, lora_branch, use_fast_lora_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -21,10 +21,27 @@ def test_keep_mask_rate_shape_and_seed():
     torch.manual_seed(0)
     assert torch.equal(keep, keep_mask(torch.Size((1000, 999)), 0.05, torch.device("cpu")))
     assert keep_mask(torch.Size((64, 64)), 0.0, torch.device("cpu")).all()
-    # Dropped positions are not clustered per 64-bit word: the four 16-bit lanes of a word are independent.
+    # Dropped positions are not clustered per 64-bit word: the four 16-bit lanes of a word are independent
+    # (p = 0.5 decides on bit 14 of each lane, the top bit used).
     lanes = (~keep_mask(torch.Size((400_000, 4)), 0.5, torch.device("cpu"))).float()
     corr = torch.corrcoef(lanes.t())
     assert (corr - torch.eye(4)).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_apply_bits_equals_where(dtype):
+    torch.manual_seed(0)
+    bits = keep_bits(torch.Size((37, 11)), 0.3, torch.device("cpu"))
+    assert bits.dtype == torch.int16 and set(bits.unique().tolist()) == {-1, 0}
+    x = torch.randn(37, 11).to(dtype)
+    x[0, 0] = float("inf")
+    x[1, 1] = float("nan")
+    expected = torch.where(bits != 0, x, 0.0)
+    for mask in (bits, bits.to(torch.int8)):  # the branch saves the mask as int8 for backward
+        out = apply_bits(x, mask)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+        assert not torch.signbit(out[bits == 0]).any()  # dropped elements are +0.0
 
 
 def reference_branch(x, A, B, scaling, keep, p):

@@ -31,6 +31,7 @@ ABLATIONS = {
     "label-only": ("tunekit -label-only logits", {"full_logits": True}),
     "bf16": ("tunekit -bf16 (fp32)", {"overrides": {"train.precision": "fp32"}}),
     "attention": ("tunekit -per-sequence attention (sdpa mask)", {"overrides": {"model.attn_implementation": "sdpa"}}),
+    "fused-lora": ("tunekit -fused LoRA branch (peft's forward)", {"overrides": {"train.fused_lora": False}}),
     "fused-adamw": ("tunekit -fused AdamW", {"unfused_adamw": True}),
     "malloc": ("tunekit +malloc tuning (keep freed memory)", {"env": {"TUNEKIT_MALLOC_TUNING": "1"}}),
     "compile": ("tunekit +torch.compile", {"overrides": {"train.compile": "on"}}),

@@ -3,12 +3,13 @@
 peft computes the adapter branch as `lora_B(lora_A(dropout(x))) * scaling`: five autograd nodes, each with its own
 copies (dropout mask in the input dtype, autocast casts of x, A and B, the scaling multiply), and torch's dropout
 draws one float per element (`bernoulli_`), which on a CPU costs more than the branch's two matmuls: measured on
-2 cores for a (2300, 576) fp32 input, F.dropout 10.6 ms against 2.1 ms for the mask below. Per SmolLM2-135M
+2 cores for a (2300, 576) fp32 input, F.dropout 10.6 ms against ~1.4 ms for the mask below, applied. Per SmolLM2-135M
 training step with LoRA on q_proj and v_proj that is 60 dropouts, ~12% of the step.
 
 `LoraBranch` computes the same branch as one autograd node:
 
-    forward:  xm = x * keep               keep ~ Bernoulli(1 - p), drawn 16 bits per element from random int64 words
+    forward:  xm = x * keep               keep ~ Bernoulli(1 - p), drawn 15 bits per element from random int64 words,
+                                          applied as a bitwise AND on x's bits
               h  = xm @ (A / (1 - p))^T   dropout's rescale and peft's scaling s go on the small matrices
               y  = h @ (s·B)^T            in the compute dtype (bf16 under autocast)
     backward: gh = gy @ (s·B)             (T, r)
@@ -16,7 +17,7 @@ training step with LoRA on q_proj and v_proj that is 60 dropouts, ~12% of the st
 
 and `fast_forward` replaces the forward of peft `lora.Linear` layers in the plain case (one active adapter, not
 merged, no DoRA or other variant, dropout or no dropout); anything else goes through peft's own forward. The
-dropout probability is rounded to a multiple of 1/65536 (0.05 -> 0.0500030...). The mask uses torch's default
+dropout probability is rounded to a multiple of 1/32768 (0.05 -> 0.0499878...). The mask uses torch's default
 generator, so seeded runs repeat and resumed runs continue the same random stream.
 """
 
@@ -27,20 +28,41 @@ import types
 import torch
 from torch import nn
 
-_MASK_BITS = 16  # each int64 word from torch's generator gives four 16-bit uniforms
+_MASK_BITS = 15  # each int64 word from torch's generator gives four 16-bit lanes; the low 15 bits of each are used
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of a float dtype
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of `shape`, True with probability 1 - p (p rounded to a multiple of 2**-16)."""
+def keep_bits(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """int16 tensor of `shape`: -1 (all bits set: keep) with probability 1 - p, else 0 (drop).
+
+    p is rounded to a multiple of 2**-15. The mask is made with four in-place integer passes over the random
+    words and applied with a bitwise AND on the input's bits (`apply_bits`): on 2 CPU cores for a (2350, 576)
+    input, 1.3 ms to draw and 0.07 ms to apply, against 2.2 + 0.6 ms for a bool mask and `torch.where`.
+    """
     n = 1
     for d in shape:
         n *= d
-    # randint over the whole int64 range: every bit random (random_() leaves the sign bit 0, which would make
-    # the top 16-bit lane of each word never drop).
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    u = words.view(torch.int16)[:n].view(shape)  # uniform on [-2**15, 2**15)
-    threshold = -(2 ** (_MASK_BITS - 1)) + round(p * 2**_MASK_BITS)
-    return u >= threshold
+    # random_() on int64 fills bits 0..62 (bit 63 is 0): lanes 0-2 are fully random, lane 3 has its top bit 0,
+    # so only the low 15 bits of each lane are used.
+    words = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device).random_()
+    u = words.view(torch.int16)[:n]
+    threshold = round(p * 2**_MASK_BITS)
+    # (u & 0x7FFF) - threshold lies in [-threshold, 32767 - threshold]: no overflow, negative exactly when the
+    # element is dropped; >> 15 gives -1 there and 0 elsewhere, ~ flips it to the keep mask.
+    return u.bitwise_and_(2**_MASK_BITS - 1).sub_(threshold).bitwise_right_shift_(15).bitwise_not_().view(shape)
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool tensor of `shape`, True with probability 1 - p: the same draw as `keep_bits` (for references)."""
+    return keep_bits(shape, p, device) != 0
+
+
+def apply_bits(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """t where the keep mask `bits` (0 / -1 integers, broadcastable) is set, +0.0 elsewhere (new tensor)."""
+    int_dtype = _INT_OF_SIZE.get(t.element_size())
+    if int_dtype is None or not t.is_floating_point():
+        return torch.where(bits != 0, t, 0)
+    return (t.view(int_dtype) & bits.to(int_dtype)).view(t.dtype)  # -1 sign-extends to all bits set
 
 
 def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
@@ -57,8 +79,9 @@ class LoraBranch(torch.autograd.Function):
         xm = x.to(dtype)
         keep = None
         if p > 0.0:
-            keep = keep_mask(xm.shape, p, xm.device)  # (..., in) bool
-            xm = torch.where(keep, xm, 0.0)  # dropped, not yet rescaled: the 1/(1-p) goes into A below
+            bits = keep_bits(xm.shape, p, xm.device)  # (..., in) int16, -1 = keep
+            xm = apply_bits(xm, bits)  # dropped, not yet rescaled: the 1/(1-p) goes into A below
+            keep = bits.to(torch.int8)  # saved for backward at one byte per element
         inv = 1.0 / (1.0 - p)
         a = (A * inv).to(dtype) if p > 0.0 else A.to(dtype)  # (r, in): dropout's rescale on the small matrix
         sb = (B * scaling).to(dtype)  # (out, r): the scaling folded into the small matrix
@@ -76,7 +99,7 @@ class LoraBranch(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = gh @ a  # (..., in), includes 1/(1-p)
             if keep is not None:
-                dx = torch.where(keep, dx, 0.0)
+                dx = apply_bits(dx, keep)
             dx = dx.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dA = (gh.flatten(0, -2).t() @ xm.flatten(0, -2)).to(ctx.A_dtype) * ctx.inv  # (r, in)
