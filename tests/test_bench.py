@@ -42,6 +42,13 @@ def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_mode
     table = (tmp_path / "bench.md").read_text()
     assert "x Trainer" in table and "F/token" in table
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    # An interrupted or repeated call reuses the runs that finished with the same settings.
+    again = main(["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
+                  "--threads", "1", "--only", *peers, "--out", str(tmp_path), "--reuse"])
+    assert all(r["reused"] for r in again)
+    assert [r["tokens_per_s"] for r in again] == [r["tokens_per_s"] for r in saved["rows"]]
+    assert [r["peak_rss_bytes"] for r in again] == [r["peak_rss_bytes"] for r in saved["rows"]]
+    assert "Reused from an earlier call" in (tmp_path / "bench.md").read_text()
 
 
 def test_markdown_table_has_a_row_per_run():

@@ -232,3 +232,32 @@ def test_eval_batches_keep_file_order_and_cover_everything():
     exs = numbered(7)
     got = [decode(b) for b in eval_batches(exs, 3, packing=True, pad_id=0)]
     assert got == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_packed_attention_under_compile_does_not_recompile_per_length_set():
+    """The per-sequence loop runs eagerly inside compiled code: new sequence lengths do not trigger recompiles
+    (traced, it specialised on each row's lengths and hit dynamo's cache limit every step)."""
+    import types
+
+    from torch._dynamo.testing import CompileCounter
+
+    from tunekit.attention import packed_causal_attention
+
+    torch._dynamo.reset()
+    module = types.SimpleNamespace(training=True)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, dynamic=True)
+    def layer(q, k, v, cu):
+        out, _ = packed_causal_attention(module, q * 2, k, v, None, cu_seq_lens_q=cu)
+        return out * 3
+
+    torch.manual_seed(0)
+    for lengths in ([5, 7, 4], [3, 3, 10], [16], [2, 9, 1, 4], [8, 8]):
+        # (head counts unlike any len(cu): dynamo would tie equal sizes together and recompile when they part)
+        q, k, v = torch.randn(1, 12, 16, 8), torch.randn(1, 6, 16, 8), torch.randn(1, 6, 16, 8)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        expected, _ = packed_causal_attention(module, q * 2, k, v, None, cu_seq_lens_q=cu)
+        torch.testing.assert_close(layer(q, k, v, cu), expected * 3)
+    assert counter.frame_count <= 4  # the graphs before and after the eager loop, once or twice each
+    torch._dynamo.reset()

@@ -25,9 +25,19 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
     if cu is None or attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
     p_drop = dropout if module.training else 0.0
-    lengths = (cu[1:] - cu[:-1]).tolist()
+    out = _per_sequence(query, key, value, cu, scaling, p_drop)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# Eager under torch.compile: traced, the loop would specialise on each row's sequence lengths and recompile for
+# every new set of lengths (measured: ~160 s per step, dynamo's cache limit hit); compiled decoder layers break
+# their graph here and resume after it.
+@torch.compiler.disable
+def _per_sequence(query, key, value, cu: torch.Tensor, scaling, p_drop: float) -> torch.Tensor:
+    """Causal attention of each packed sequence to itself: (B, H, T, D) and starts [0, ..., T] -> (B, H, T, D)."""
+    lengths = (cu[1:] - cu[:-1]).tolist()  # here, not in the caller: a Python list there would be guarded on
+    gqa = query.shape[1] != key.shape[1]
     outs = []
     # split (not slicing): its backward concatenates the gradients instead of zero-filling a full-size tensor
     # per sequence, which cost ~30% of the attention time on CPU.
@@ -38,8 +48,7 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
         else:
             outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scaling, is_causal=True,
                                                        enable_gqa=gqa))
-    out = torch.cat(outs, dim=2)  # (B, H, T, D)
-    return out.transpose(1, 2).contiguous(), None
+    return torch.cat(outs, dim=2)
 
 
 def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

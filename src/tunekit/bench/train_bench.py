@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--no-peer-malloc", action="store_true",
                    help="Leave out the Trainer run under tunekit's malloc.")
     p.add_argument("--out", default="runs/bench", help="Output folder (default runs/bench).")
+    p.add_argument("--reuse", action="store_true",
+                   help="Reuse runs of an earlier call in --out that finished with the same settings (an interrupted "
+                        "benchmark continues where it stopped).")
     return p.parse_args(argv)
 
 
@@ -70,9 +73,21 @@ def mean_tokens(path: Path, model: str, max_length: int) -> tuple[float, float]:
     return n_tok / len(examples), n_lab / n_tok
 
 
+def finished(spec: dict, out: Path) -> tuple[dict, int] | None:
+    """(result, peak RSS) of a run in `out` that finished with exactly this spec, else None."""
+    try:
+        same = json.loads((out / "spec.json").read_text()) == json.loads(json.dumps(dict(spec, out=str(out))))
+        if same:
+            return json.loads((out / "result.json").read_text()), json.loads((out / "peak_rss.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def run_child(spec: dict, out: Path) -> tuple[dict, int]:
     """Run one runner in a fresh process; returns (its result.json, its peak RSS in bytes)."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "peak_rss.json").unlink(missing_ok=True)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(dict(spec, out=str(out)), indent=1))
     log = open(out / "log.txt", "w")
@@ -86,6 +101,7 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
     if proc.returncode != 0:
         tail = (out / "log.txt").read_text()[-3000:]
         raise RuntimeError(f"benchmark run {spec['runner']} failed (exit {proc.returncode}); log {out}/log.txt:\n{tail}")
+    (out / "peak_rss.json").write_text(str(usage.ru_maxrss * 1024))
     return json.loads((out / "result.json").read_text()), usage.ru_maxrss * 1024
 
 
@@ -140,6 +156,11 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
                  f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
                  f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
                  f"tokens/s = real (non-padding) tokens / time over steps after {meta['warmup']} warm-up steps.")
+    if meta.get("failed"):
+        lines.append(f"Failed and left out (their log.txt says why): {', '.join(meta['failed'])}.")
+    reused = [r["name"] for r in rows if r.get("reused")]
+    if reused:
+        lines.append(f"Reused from an earlier call with the same settings (--reuse): {', '.join(reused)}.")
     return "\n".join(lines)
 
 
@@ -195,19 +216,27 @@ def main(argv=None) -> list[dict]:
     if args.ablations is not None:
         runs += [(ABLATIONS[k][0], dict(base, runner="tunekit", variant=ABLATIONS[k][1]))
                  for k in (args.ablations or ABLATIONS)]
-    rows = []
+    rows, failed = [], []
     for i, (name, spec) in enumerate(runs):
         print(f"[bench] {i + 1}/{len(runs)} {name} ...", flush=True)
         t = time.perf_counter()
-        result, rss = run_child(spec, out / f"run{i}")
+        done = finished(spec, out / f"run{i}") if args.reuse else None
+        try:
+            result, rss = done or run_child(spec, out / f"run{i}")
+        except RuntimeError as e:  # one broken run must not cost the others' results
+            print(f"[bench]   FAILED, left out of the table: {e}", flush=True)
+            failed.append(name)
+            continue
         row = {"name": name, "runner": spec["runner"], "peak_rss_bytes": rss, "precision": result["precision"],
-               "malloc": result.get("malloc"),
+               "malloc": result.get("malloc"), "reused": bool(done),
                "wall_s": time.perf_counter() - t, "adapter": str(out / f"run{i}" / "adapter"),
                **throughput(result, args.warmup)}
         print(f"[bench]   {row['tokens_per_s']:.0f} tokens/s, peak RSS {rss / 2**30:.2f} GiB, "
-              f"malloc {row['malloc']}, "
-              f"{row['tokens_seen']:,} tokens in {row['wall_s']:.0f} s", flush=True)
+              f"malloc {row['malloc']}, {row['tokens_seen']:,} tokens"
+              + (" (reused)" if done else f" in {row['wall_s']:.0f} s"), flush=True)
         rows.append(row)
+    if not rows:
+        raise RuntimeError(f"every benchmark run failed: {', '.join(failed)}")
 
     print("[bench] scoring every adapter with the shared eval ...", flush=True)
     adapters = {r["name"]: r["adapter"] for r in rows}
@@ -225,7 +254,7 @@ def main(argv=None) -> list[dict]:
 
     meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
             "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
-            "base_eval_loss": scored["base_eval_loss"], "args": vars(args)}
+            "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed}
     table = format_markdown(rows, meta)
     print("\n" + table + "\n", flush=True)
     (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))

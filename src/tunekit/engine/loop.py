@@ -156,13 +156,13 @@ def train(cfg: Config) -> TrainResult:
     model = method.apply(model).to(device)
     if precision == "bf16":
         cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts
-    if tc.fused_lora:
-        use_fast_lora_(model)  # LoRA layers (if any): the adapter branch as one node, cheaper dropout
+    # LoRA layers (if any): the adapter branch as one node, cheaper dropout
+    n_fused = use_fast_lora_(model) if tc.fused_lora else 0
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
     compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device,
-                                           method.supports_compile and objective.supports_compile, steps)
+                                           method.supports_compile and objective.supports_compile, steps, n_fused)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)

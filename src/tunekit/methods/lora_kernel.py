@@ -128,7 +128,8 @@ def _plain_adapter(layer) -> str | None:
 
 def fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance forward for a peft lora.Linear: base layer + LoraBranch; peft's forward for other cases."""
-    # Under torch.compile peft's own forward is traced (our Function's random_ would break the graph each call).
+    # Should torch.compile trace it anyway, peft's own forward is traced (our Function's random_ would break the
+    # graph each call); engine/compile.py restores peft's forward before compiling (`use_peft_forward_`).
     name = None if (args or kwargs or torch.compiler.is_compiling()) else _plain_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -151,5 +152,15 @@ def use_fast_lora_(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is LoraLinear and isinstance(module.get_base_layer(), nn.Linear):
             module.forward = types.MethodType(fast_forward, module)
+            n += 1
+    return n
+
+
+def use_peft_forward_(model: nn.Module) -> int:
+    """Undo `use_fast_lora_`: every peft lora.Linear in `model` runs peft's own forward again; returns how many."""
+    n = 0
+    for module in model.modules():
+        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is fast_forward:
+            del module.forward
             n += 1
     return n
