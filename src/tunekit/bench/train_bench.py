@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="Optimizer steps for Trainer and tunekit (default 30).")
     p.add_argument("--warmup", type=int, default=3, help="Steps left out of the tokens/s figure (default 3).")
     p.add_argument("--batch-size", type=int, default=8, help="Examples per step (default 8).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every run: weights init, dropout, data order "
+                                                        "(default 0).")
     p.add_argument("--lr", type=float, default=5e-4, help="Constant learning rate for every tool (default 5e-4).")
     p.add_argument("--n-train", type=int, default=600, help="Training examples generated (default 600).")
     p.add_argument("--n-test", type=int, default=100, help="Held-out examples for the eval loss (default 100).")
@@ -198,7 +200,7 @@ def main(argv=None) -> list[dict]:
     mean_len, label_fraction = mean_tokens(paths["train"], args.model, max_length)
     base = {"model": args.model, "train": str(paths["train"]), "test": str(paths["test"]), "max_length": max_length,
             "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "lr": args.lr,
-            "steps": args.steps, "batch_size": args.batch_size, "seed": 0, "threads": args.threads,
+            "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
             # TRL packs rows of ~batch_size examples and stops at the same token budget as the others.
             "trl_row_tokens": int(-(-args.batch_size * mean_len // 64) * 64),
             "token_budget": int(args.steps * args.batch_size * mean_len)}
