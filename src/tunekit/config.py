@@ -321,11 +321,12 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the decoder layers (fuses the element-wise work; the first steps compile, "
-        "~1 min on 2 CPU cores, cached on disk; +7-10% tokens/s and lower peak memory measured on CPU). auto: for runs of 300+ steps when a "
-        "compiler is available and the method allows it.")
+        "~1 min on 2 CPU cores, cached on disk; lower peak memory, and +7% tokens/s on CPU over eager peft LoRA). "
+        "auto: for runs of 300+ steps when a compiler is available and the method allows it, except LoRA with "
+        "fused_lora on (the eager fused branch measured faster: 462 vs 444 tokens/s).")
     fused_lora: bool = Field(
         True, description="Run the adapter branch of peft LoRA layers as one autograd node with a cheaper dropout "
-        "mask (methods/lora_kernel.py; same parameters and saved adapter; +6% tokens/s measured on CPU). false: "
+        "mask (methods/lora_kernel.py; same parameters and saved adapter; +9% tokens/s measured on CPU). false: "
         "peft's own forward.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
