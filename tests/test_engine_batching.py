@@ -15,7 +15,7 @@ import torch
 
 from tunekit.config import DataConfig, FullMethod, LoraMethod, ModelConfig
 from tunekit.data import prepare_data
-from tunekit.engine.batching import IGNORE, BatchStream, collate_packed, collate_padded, eval_batches
+from tunekit.engine.batching import IGNORE, BatchStream, collate_packed, collate_padded, epoch_order, eval_batches
 from tunekit.engine.loss import label_only_loss_sum
 from tunekit.methods import build_method
 from tunekit.models import load_model
@@ -180,6 +180,17 @@ def test_every_epoch_is_a_permutation_and_batches_span_epochs():
     for order in epochs:
         assert sorted(order) == list(range(n))
     assert len({tuple(o) for o in epochs}) == 3  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_epoch_order_is_the_trainers_order(seed):
+    """The same seed gives the order transformers' Trainer samples in (accelerate's seedable sampler)."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    sampler = SeedableRandomSampler(data_source=range(50), data_seed=seed)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert epoch_order(50, seed, epoch) == list(sampler)
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from tunekit.methods.lora_kernel import LoraBranch, apply_bits, keep_bits, keep_mask, lora_branch, use_fast_lora_
+from tunekit.methods.lora_kernel import (LoraBranch, apply_bits, base_plus_branch, keep_bits, keep_mask, lora_branch,
+                                        use_fast_lora_)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -115,6 +116,43 @@ def test_fast_forward_matches_peft_on_a_model(tiny_model_dir, prompt_ids, autoca
     assert grads.keys() == grads_ref.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_base_plus_branch_is_linear_plus_branch(bias):
+    """(B, T, in) input, with and without bias: the same values and gradients as F.linear(x) + branch (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64) if bias else None
+    branch = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    out = base_plus_branch(x, w, b, branch)
+    ref = nn.functional.linear(x, w, b) + branch
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, branch), g)
+    grads_ref = torch.autograd.grad(ref, (x, branch), g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_small_branch_survives_bf16_rounding():
+    """A branch of ~1/4 of a bf16 step of the base output shifts the bf16 output by its value on average (it is
+    added before the rounding); added to the already rounded output it mostly rounds away."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 64).bfloat16()
+    w = (torch.randn(64, 64) / 8).bfloat16()  # outputs of magnitude ~1: a bf16 step of 2**-7 or 2**-8
+    d = 1e-3
+    branch = torch.full((4096, 64), d).bfloat16()
+    rounded = nn.functional.linear(x, w)  # (4096, 64) bf16
+    exact = x.double() @ w.double().t()
+    shift = (base_plus_branch(x, w, None, branch).double() - rounded.double()).mean().item()
+    shift_after = ((rounded + branch).double() - rounded.double()).mean().item()
+    assert shift == pytest.approx(d, rel=0.05)
+    assert shift_after < 0.7 * d  # what adding after the rounding keeps (about half here)
+    err = (base_plus_branch(x, w, None, branch).double() - (exact + d)).abs().mean()
+    err_after = ((rounded + branch).double() - (exact + d)).abs().mean()
+    assert err < err_after
 
 
 def test_dropout_is_on_in_training_and_off_in_eval(tiny_model_dir, prompt_ids):

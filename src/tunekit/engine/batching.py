@@ -64,8 +64,13 @@ def collate_padded(examples: Sequence, pad_id: int) -> Batch:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of range(n) that depends only on (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """A permutation of range(n) that depends only on (seed, epoch).
+
+    The generator is seeded with seed + epoch, as accelerate's SeedableRandomSampler does for transformers'
+    Trainer: for the same seed both see the examples in the same order, so a comparison between them (the
+    training benchmark) trains on the same batches.
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(n, generator=g).tolist()
 
 
