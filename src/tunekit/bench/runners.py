@@ -89,6 +89,7 @@ def run_trainer(spec: dict, out: Path) -> dict:
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=spec["max_grad_norm"],
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, seed=spec["seed"], remove_unused_columns=False, disable_tqdm=True,
     )
@@ -114,6 +115,7 @@ def run_trl(spec: dict, out: Path) -> dict:
         output_dir=str(out / "trl"), per_device_train_batch_size=1, max_steps=spec["steps"] * 4,
         max_length=spec["trl_row_tokens"], packing=True, completion_only_loss=True, bf16=True,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=spec["max_grad_norm"],
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, dataset_num_proc=1,
     )
@@ -145,7 +147,7 @@ def run_tunekit(spec: dict, out: Path) -> dict:
         "data.train": spec["train"], "data.val_fraction": 0.0, "data.max_length": spec["max_length"],
         "method.r": spec["r"], "method.alpha": spec["alpha"], "method.dropout": spec["dropout"],
         "method.target_modules": list(spec["targets"]), "optim.lr": spec["lr"], "optim.schedule": "constant",
-        "optim.warmup_steps": 0, "optim.max_grad_norm": None, "train.max_steps": spec["steps"],
+        "optim.warmup_steps": 0, "optim.max_grad_norm": spec["max_grad_norm"], "train.max_steps": spec["steps"],
         "train.batch_size": spec["batch_size"], "train.seed": spec["seed"], "train.eval_every": 0,
         "train.save_every": 0, "train.progress": False, "train.output_dir": str(out / "run"),
         "model.name": spec["model"],

@@ -200,6 +200,7 @@ def main(argv=None) -> list[dict]:
     mean_len, label_fraction = mean_tokens(paths["train"], args.model, max_length)
     base = {"model": args.model, "train": str(paths["train"]), "test": str(paths["test"]), "max_length": max_length,
             "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "lr": args.lr,
+            "max_grad_norm": 1.0,  # the Trainer's and SFTTrainer's default clipping, for every tool
             "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
             # TRL packs rows of ~batch_size examples and stops at the same token budget as the others.
             "trl_row_tokens": int(-(-args.batch_size * mean_len // 64) * 64),
