@@ -103,8 +103,9 @@ def run_child(spec: dict, out: Path) -> tuple[dict, int]:
     if proc.returncode != 0:
         tail = (out / "log.txt").read_text()[-3000:]
         raise RuntimeError(f"benchmark run {spec['runner']} failed (exit {proc.returncode}); log {out}/log.txt:\n{tail}")
-    (out / "peak_rss.json").write_text(str(usage.ru_maxrss * 1024))
-    return json.loads((out / "result.json").read_text()), usage.ru_maxrss * 1024
+    rss = usage.ru_maxrss * 1024  # bytes
+    (out / "peak_rss.json").write_text(str(rss))
+    return json.loads((out / "result.json").read_text()), rss
 
 
 def malloc_env(spec: dict, env: dict) -> dict:

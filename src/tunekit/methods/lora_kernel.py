@@ -180,7 +180,7 @@ def use_peft_forward_(model: nn.Module) -> int:
     """Undo `use_fast_lora_`: every peft lora.Linear in `model` runs peft's own forward again; returns how many."""
     n = 0
     for module in model.modules():
-        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is fast_forward:
+        if getattr(module.__dict__.get("forward"), "__func__", None) is fast_forward:
             del module.forward
             n += 1
     return n
