@@ -58,3 +58,25 @@ def test_markdown_table_has_a_row_per_run():
              "eval_loss": 0.5, "mfu_bf16": 0.1, "tokens_seen": 1000} for n in ("a", "b")]
     lines = format_markdown(rows, meta).splitlines()
     assert lines[2].startswith("| a |") and lines[3].startswith("| b |")
+
+
+@pytest.mark.parametrize("ablation, module, name", [("label-only", "objective", "label_only_loss_sum"),
+                                                    ("fused-adamw", "loop", "build_optimizer")])
+def test_code_ablations_replace_what_the_loop_calls(ablation, module, name, tiny_model_dir, chat_jsonl, tmp_path,
+                                                    monkeypatch):
+    """The two ablations that swap engine code must patch the name the training step resolves at run time (the
+    label-only one once patched a name the loop no longer called, so its row silently measured the full engine)."""
+    from tunekit.bench import runners
+    from tunekit.bench.train_bench import ABLATIONS
+    from tunekit.engine import loop, objective, schedule
+
+    engine = {"objective": objective, "loop": loop}[module]
+    original = getattr(engine, name)
+    monkeypatch.setattr(engine, name, original)  # restored after the test: the runner patches for its process
+    monkeypatch.setattr(schedule, "build_optimizer", schedule.build_optimizer)
+    spec = {"model": str(tiny_model_dir), "train": str(chat_jsonl), "max_length": 64, "r": 4, "alpha": 8,
+            "dropout": 0.0, "targets": ["q_proj", "v_proj"], "lr": 1e-3, "max_grad_norm": 1.0, "steps": 1,
+            "batch_size": 2, "seed": 0, "variant": ABLATIONS[ablation][1]}
+    result = runners.run_tunekit(spec, tmp_path)
+    assert getattr(engine, name) is not original  # the variant's code is what the loop resolves
+    assert result["step_times"] and result["step_tokens"][0] > 0
