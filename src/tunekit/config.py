@@ -328,6 +328,14 @@ class TrainConfig(Section):
         True, description="Run the adapter branch of peft LoRA layers as one autograd node with a cheaper dropout "
         "mask (methods/lora_kernel.py; same parameters and saved adapter; +9% tokens/s measured on CPU). false: "
         "peft's own forward.")
+    fused_ops: Literal["auto", "on", "off"] = Field(
+        "auto", description="CPU bf16: RMSNorm, SiLU x up and RoPE each as one Inductor-compiled kernel computing in "
+        "fp32 and writing bf16 once (engine/fused_ops.py; +6.6% tokens/s measured; ~25 s to compile on a cold cache, "
+        "~3 s after). auto: when a C++ compiler is there and the model is Llama, Mistral, Qwen2 or Qwen3; on: "
+        "error where it cannot be used.")
+    packed_weights: bool = Field(
+        True, description="CPU bf16: keep frozen linear weights, and their transposes, in oneDNN's blocked layout "
+        "(methods/packed_linear.py; +5% tokens/s measured, costs two more bf16 copies of the frozen linear weights).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Extra metric sinks (their libraries must be installed)."
@@ -338,7 +346,7 @@ class TrainConfig(Section):
                           "to the measured peak) and warn before training when it exceeds the free memory."
     )
 
-    @field_validator("compile", mode="before")
+    @field_validator("compile", "fused_ops", mode="before")
     @classmethod
     def _compile_yaml_booleans(cls, v: Any) -> Any:
         # YAML reads `on`/`off` (and true/false) as booleans: accept them as the words they are.

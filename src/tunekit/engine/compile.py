@@ -47,6 +47,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
+def layers_compiled(model: nn.Module) -> bool:
+    """Whether `compile_decoder_layers_` compiled this model's decoder layers."""
+    layers = decoder_layers(model)
+    return layers is not None and any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)
+
+
 AUTO_MIN_STEPS = 300  # measured: +7% tokens/s after ~40-60 s of compiling (2 CPU cores): pays off after ~10 min
 
 

@@ -25,10 +25,12 @@ from ..data import prepare_data
 from ..allocator import in_use
 from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from ..methods.lora_kernel import use_fast_lora_
+from ..methods.packed_linear import available as packing_available, pack_frozen_linears_
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .compile import compile_decoder_layers_
+from .compile import compile_decoder_layers_, layers_compiled
+from .fused_ops import fuse_decoder_ops_
 from .energy import EnergyMeter
 from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
@@ -163,6 +165,12 @@ def train(cfg: Config) -> TrainResult:
     steps = total_steps_for(cfg, len(data.train))
     compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device,
                                            method.supports_compile and objective.supports_compile, steps, n_fused)
+    # CPU bf16 kernels: element-wise work fused by Inductor, frozen weights in oneDNN's layout (not with compiled
+    # layers, which fuse and lay out on their own).
+    compiled = layers_compiled(method.causal_lm(model))
+    fused_note = fuse_decoder_ops_(method.causal_lm(model), tc.fused_ops, device, precision, compiled)
+    n_packed = (pack_frozen_linears_(model) if tc.packed_weights and precision == "bf16" and not compiled
+                and packing_available(device)[0] else 0)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
@@ -199,7 +207,8 @@ def train(cfg: Config) -> TrainResult:
     sinks = Sinks(tc.report_to, run_dir, cfg.model_dump(mode="json"))
     print(f"[tunekit] {data.stats.summary()}", flush=True)
     print(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
-          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}", flush=True)
+          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}; {fused_note}"
+          + (f"; {n_packed} frozen linears packed for oneDNN" if n_packed else ""), flush=True)
 
     head = method.lm_head(model)
     progress = Progress(steps, start_step, tc.progress)

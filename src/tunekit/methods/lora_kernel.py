@@ -28,6 +28,8 @@ import types
 import torch
 from torch import nn
 
+from .packed_linear import packed_linear, packed_of, usable
+
 _MASK_BITS = 15  # each int64 word from torch's generator gives four 16-bit lanes; the low 15 bits of each are used
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of a float dtype
 
@@ -140,6 +142,9 @@ def fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     xc = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x  # one cast shared by base and branch
     branch = LoraBranch.apply(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dtype)
     if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
+        packed = packed_of(base) if usable(xc) else None  # frozen bf16 weight in oneDNN's layout (CPU)
+        if packed is not None:
+            return packed_linear(xc, packed, base.bias, branch)
         return base_plus_branch(xc, base.weight, base.bias, branch)
     result = base(xc)
     return (result + branch.to(result.dtype)).to(result.dtype)
