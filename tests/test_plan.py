@@ -31,8 +31,14 @@ def test_lora_terms_by_hand(tiny_model_dir, vocab):
     assert p.trainable_params == lora
     assert p.adapter == 4 * lora and p.gradients == 4 * lora and p.optimizer == 8 * lora
     embed, norms = vocab * H, (2 * L + 1) * H
-    # fp32 tied embedding + its bf16 copy for the loss, fp32 norms, bf16 frozen linears
-    assert p.weights == 4 * embed + 2 * embed + 4 * norms + 2 * L * linear_params_per_layer()
+    # fp32 tied embedding + its bf16 copy for the loss, fp32 norms, bf16 frozen linears + their packed W and W^T
+    assert p.weights == 4 * embed + 2 * embed + 4 * norms + (2 + 4) * L * linear_params_per_layer()
+    assert any("packed_weights" in n for n in p.notes)
+    unpacked = plan(str(tiny_model_dir), method="lora", rank=4, precision="bf16", seq_len=32, batch=2,
+                    packed_weights=False)
+    assert p.weights - unpacked.weights == 4 * L * linear_params_per_layer()
+    assert plan(str(tiny_model_dir), method="lora", rank=4, precision="bf16", seq_len=32, batch=2,
+                device="cuda").weights == unpacked.weights  # CPU only
     assert p.total_params == embed + norms + L * linear_params_per_layer() + lora
     assert p.tokens_per_micro_batch == 64
 
@@ -156,8 +162,10 @@ def saved_for_backward_bytes(model, method, ids, pos, targets) -> int:
                                   # every group selected: what the scoring pass keeps, the plan's select bound
                                   {"name": "select", "strategy": "last", "score_batches": 0, "fraction": 1.0}],
                          ids=["lora", "full", "qlora", "select"])
-def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
-    """The activation formula against the tensors autograd really keeps (bf16 autocast, packed rows, CPU)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused-ops"])
+def test_activation_term_matches_what_autograd_saves(spec, fused, tmp_path):
+    """The activation formula against the tensors autograd really keeps (bf16 autocast, packed rows, CPU), with
+    and without the fused CPU kernels (train.fused_ops) and packed weights."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -179,13 +187,22 @@ def test_activation_term_matches_what_autograd_saves(spec, tmp_path):
     model = method.apply(model)
     cast_frozen_linears_(model, torch.bfloat16)
     use_fast_lora_(model)  # as the training loop does (train.fused_lora)
+    if fused:
+        from tunekit.engine.compile import can_compile
+        from tunekit.engine.fused_ops import fuse_decoder_ops_
+        from tunekit.methods.packed_linear import pack_frozen_linears_
+
+        if not can_compile(torch.device("cpu"))[0]:
+            pytest.skip("no C++ compiler for the fused kernels")
+        fuse_decoder_ops_(method.causal_lm(model), "on", torch.device("cpu"), "bf16", compiled_layers=False)
+        pack_frozen_linears_(model)
     n_seq, seq_len = 3, 40
     ids = torch.randint(0, 512, (1, n_seq * seq_len))
     targets = ids.clone()
     targets[:, : n_seq * seq_len // 2] = -100
     measured = saved_for_backward_bytes(model, method, ids, torch.arange(seq_len).repeat(n_seq)[None], targets)
     p = plan(str(tmp_path), method=spec["name"], rank=spec.get("r", 16), seq_len=seq_len, batch=n_seq,
-             label_fraction=0.5, fraction=spec.get("fraction", 0.1))
+             label_fraction=0.5, fraction=spec.get("fraction", 0.1), fused_ops=fused, packed_weights=fused)
     chunk = min(n_seq * seq_len // 2 * 512 * 4, LOSS_CHUNK_BYTES) * 2  # transient logits, not saved
     assert abs((p.activations - chunk) / measured - 1) < 0.03
 

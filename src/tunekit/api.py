@@ -97,7 +97,8 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
 def plan(model: str = "smollm2-135m", method: str = "lora", **options):
     """Predicted peak training memory (a MemoryPlan: weights, adapter, gradients, optimizer, activations, overhead).
     Options: seq_len, batch, rank, target, precision, device, label_fraction, virtual_tokens, bottleneck,
-    freeze_layers, fraction / max_params / select_rank (select) (see tunekit.planner.plan)."""
+    freeze_layers, fraction / max_params / select_rank (select), malloc, optim, dropout, fused_ops, packed_weights
+    (see tunekit.planner.plan)."""
     from .planner import plan as run
 
     return run(model, method=method, **options)

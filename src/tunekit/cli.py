@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--malloc", default=None, choices=["tcmalloc", "jemalloc", "glibc"],
                     help="CPU: the malloc to plan for (default: the one tunekit train would use here)")
     pl.add_argument("--optim", default="adamw", choices=OPTIMIZERS, help="optimizer (optim.name)")
+    pl.add_argument("--dropout", type=float, default=0.0, help="LoRA input dropout (method.dropout)")
+    pl.add_argument("--no-fused-ops", action="store_true", help="plan for train.fused_ops off")
+    pl.add_argument("--no-packed-weights", action="store_true", help="plan for train.packed_weights false")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     cp = sub.add_parser("compare", help="train every method on the demo task with one budget; Markdown + PNG table")
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                               label_fraction=args.label_fraction, virtual_tokens=args.virtual_tokens,
                               bottleneck=args.bottleneck, freeze_layers=args.freeze_layers, fraction=args.fraction,
                               max_params=args.max_params, select_rank=args.select_rank, malloc=args.malloc,
-                              optim=args.optim)
+                              optim=args.optim, dropout=args.dropout, fused_ops=not args.no_fused_ops,
+                              packed_weights=not args.no_packed_weights)
             import json
 
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

@@ -70,6 +70,7 @@ class ModelShape:
     gated_mlp: bool = True  # Llama/Mistral/Qwen: gate, up, down; GPT-2/NeoX style: up, down
     attention_bias: bool = False
     mlp_bias: bool = False
+    model_type: str = ""
 
     @property
     def q_width(self) -> int:
@@ -128,6 +129,7 @@ def shape_from_config(cfg: dict, source: str = "config") -> ModelShape:
         kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or h // heads,
         tied=bool(cfg.get("tie_word_embeddings", True)), gated_mlp=gated,
         attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        model_type=model_type,
     )
 
 
@@ -257,7 +259,7 @@ def method_trainable(s: ModelShape, method: str, rank: int, target: str, virtual
 
 
 def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_len: int, c: int, device: str,
-                      full: bool) -> int:
+                      full: bool, fused: bool = False, dropout: float = 0.0) -> int:
     """Bytes one decoder layer saves for backward. c: compute dtype bytes (2 bf16, 4 fp32).
 
     Always (the gradient passes through): the fp32 residual input of each RMSNorm (2 x 4h); RoPE's cos and sin
@@ -269,9 +271,13 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
     per block); o_proj and down_proj read compute-dtype tensors (c x a*d, c x i). LoRA adds A's output (c x r).
     Full training also keeps both norm outputs (2 x 4h) for the norm weights. `tr.extra_per_token` adds what
     other methods keep (IA3: the scaled k, v outputs and the down_proj input).
+    With the fused CPU kernels (engine/fused_ops.py, `fused`) the norm output is one bf16 tensor the block's linears
+    share (each LoRA layer still keeps its own copy when its input dropout is on), the MLP keeps gate and up only
+    (silu is recomputed), and the norm's backward recomputes what full training kept of the norm output
+    (measured per tensor against the eager path in tests/test_plan.py).
     """
     h, i, q, kv, d = s.hidden, s.intermediate, s.q_width, s.kv_width, s.head_dim
-    n_mlp_out = 3 if s.gated_mlp else 2
+    n_mlp_out = (3 if s.gated_mlp else 2) - (1 if fused and s.gated_mlp else 0)
     per_token = 2 * 4 * h + 2 * c * d + n_mlp_out * c * i + tr.extra_per_token
     if device == "cpu":
         per_token += c * (q + 2 * kv)
@@ -282,8 +288,10 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
     inputs = tr.lora_inputs
     if inputs:
         reads_norm = [t for t in inputs if t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
-        if c == 2:
+        if c == 2 and not (fused and (dropout == 0.0 or not tr.lora_rank)):
             per_token += c * h * len(reads_norm)
+        elif fused:
+            per_token += c * h * len({t in ATTENTION for t in reads_norm})  # one shared bf16 norm output per block
         else:
             per_token += 4 * h * len({t in ATTENTION for t in reads_norm})  # one shared norm output per block
         if "o_proj" in inputs and device == "cpu":  # on CUDA SDPA's output is already counted
@@ -291,7 +299,7 @@ def layer_saved_bytes(s: ModelShape, tr: Trainable, tokens: int, seqs: int, seq_
         if "down_proj" in inputs:
             per_token += c * i
         per_token += c * tr.lora_rank * len(inputs)
-    if full:
+    if full and not fused:
         per_token += 2 * 4 * h
     return tokens * per_token + quadratic
 
@@ -300,10 +308,13 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
          target: str = "all-linear", precision: str = "bf16", device: str = "cpu", label_fraction: float = 0.5,
          virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1, fraction: float | None = 0.1,
          max_params: int | None = None, select_rank: int | None = None, malloc: str | None = None,
-         optim: str = "adamw") -> MemoryPlan:
+         optim: str = "adamw", dropout: float = 0.0, fused_ops: bool = True,
+         packed_weights: bool = True) -> MemoryPlan:
     """Predicted peak memory of `tunekit train` for this model and method (see the module docstring). `malloc`
     (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use. `optim`:
-    optim.name (config.OPTIMIZERS)."""
+    optim.name (config.OPTIMIZERS). `dropout`: the LoRA input dropout. `fused_ops`, `packed_weights`: the CPU bf16
+    kernels of train.fused_ops / train.packed_weights (used where they apply: CPU, bf16, and for fused ops a model
+    type engine/fused_ops.py handles and a C++ compiler)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
     if precision not in ("bf16", "fp32"):
@@ -336,6 +347,12 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     trained_linear = linear if method == "full" else tr.base_params  # freeze: its layers stay fp32
     frozen_linear = linear - min(trained_linear, linear)
     frozen_bytes = (frozen_linear * QLORA_BITS / 8 if method == "qlora" else frozen_linear * (c if c == 2 else 4))
+    cpu_bf16 = device == "cpu" and c == 2
+    if packed_weights and cpu_bf16 and method != "qlora" and frozen_linear:
+        frozen_bytes += 2 * 2 * frozen_linear  # oneDNN-packed W and W^T (methods/packed_linear.py)
+        notes.append("packed_weights: two more bf16 copies of the frozen linear weights (oneDNN layout; "
+                     "train.packed_weights false saves them, ~5% slower)")
+    fused = fused_ops and cpu_bf16 and _fused_ops_apply(s.model_type)
     head = 0 if s.tied else embed * (4 if method == "full" or c == 4 else 2)  # an untied frozen head is cast too
     weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
     if c == 2 and (s.tied or method == "full"):
@@ -364,12 +381,14 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     full_layers = min(tr.full_layers, tr.grad_layers)
     saved = Trainable(lora_inputs=tr.lora_inputs, lora_rank=tr.lora_rank, extra_per_token=tr.extra_per_token)
     plain = saved if method in ("lora", "qlora", "dora", "select") else Trainable(extra_per_token=tr.extra_per_token)
-    acts = (full_layers * layer_saved_bytes(s, saved, tokens, batch, width, c, device, full=True)
-            + (tr.grad_layers - full_layers) * layer_saved_bytes(s, plain, tokens, batch, width, c, device, full=False))
+    acts = (full_layers * layer_saved_bytes(s, saved, tokens, batch, width, c, device, True, fused, dropout)
+            + (tr.grad_layers - full_layers) * layer_saved_bytes(s, plain, tokens, batch, width, c, device, False,
+                                                                 fused, dropout))
     if c == 2:  # autocast's bf16 copies of trained fp32 matmul weights, kept for backward
         acts += 2 * (linear + (0 if s.tied else embed) if method == "full" else n_trainable)
     labels = int(tokens * label_fraction)
-    acts += 4 * s.hidden * (tokens + labels)  # the final norm's input, the loss's fp32 (N_labels, h) gradient
+    # the final norm's fp32 input; the loss's (N_labels, h) gradient, in the norm output's dtype (bf16 when fused)
+    acts += 4 * s.hidden * tokens + (c if fused else 4) * s.hidden * labels
     if method == "full":
         acts += 4 * s.hidden * tokens  # the final norm's output, for its trained weight
     if method not in ("full", "prompt", "ptuning"):
@@ -397,6 +416,16 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
                       trainable_params=n_trainable, total_params=s.total_params() + tr.adapter_params,
                       weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
                       activations=int(acts), allocator=allocator, overhead=overhead, notes=notes, malloc=malloc)
+
+
+def _fused_ops_apply(model_type: str) -> bool:
+    """Whether the training loop's fused CPU kernels (train.fused_ops auto) switch this model type."""
+    import torch
+
+    from .engine.compile import can_compile
+    from .engine.fused_ops import MODEL_TYPES
+
+    return model_type in MODEL_TYPES and can_compile(torch.device("cpu"))[0]
 
 
 def free_memory_bytes(device: str = "cpu") -> int | None:
@@ -433,7 +462,9 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 virtual_tokens=getattr(m, "num_virtual_tokens", 20), bottleneck=getattr(m, "bottleneck", 64),
                 freeze_layers=min(freeze_layers, layers), fraction=getattr(m, "fraction", None),
                 max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None), malloc=malloc,
-                optim=cfg.optim.name)
+                optim=cfg.optim.name, dropout=getattr(m, "dropout", 0.0) or 0.0,
+                fused_ops=cfg.train.fused_ops != "off" and cfg.train.compile != "on",
+                packed_weights=cfg.train.packed_weights and cfg.train.compile != "on")
 
 
 def mean_example_length(stats) -> float:

@@ -33,6 +33,8 @@ ABLATIONS = {
     "attention": ("tunekit -per-sequence attention (sdpa mask)", {"overrides": {"model.attn_implementation": "sdpa"}}),
     "fused-lora": ("tunekit -fused LoRA branch (peft's forward)", {"overrides": {"train.fused_lora": False}}),
     "fused-adamw": ("tunekit -fused AdamW", {"unfused_adamw": True}),
+    "fused-ops": ("tunekit -fused element-wise ops (eager norm, SiLU, RoPE)", {"overrides": {"train.fused_ops": "off"}}),
+    "packed-weights": ("tunekit -packed weights (F.linear)", {"overrides": {"train.packed_weights": False}}),
     "malloc": ("tunekit +malloc tuning (keep freed memory)", {"env": {"TUNEKIT_MALLOC_TUNING": "1"}}),
     "compile": ("tunekit +torch.compile", {"overrides": {"train.compile": "on"}}),
     "tcmalloc": ("tunekit -tcmalloc/jemalloc (system malloc)", {"env": {"TUNEKIT_MALLOC": "system"}}),
