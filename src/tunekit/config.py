@@ -330,12 +330,13 @@ class TrainConfig(Section):
         "peft's own forward.")
     fused_ops: Literal["auto", "on", "off"] = Field(
         "auto", description="CPU bf16: RMSNorm, SiLU x up and RoPE each as one Inductor-compiled kernel computing in "
-        "fp32 and writing bf16 once (engine/fused_ops.py; +6.6% tokens/s measured; ~25 s to compile on a cold cache, "
-        "~3 s after). auto: when a C++ compiler is there and the model is Llama, Mistral, Qwen2 or Qwen3; on: "
+        "fp32 and writing bf16 once (engine/fused_ops.py; 1.10x tokens/s in the benchmark; ~25 s to compile on a "
+        "cold cache, ~3 s after). auto: when a C++ compiler is there and the model is Llama, Mistral, Qwen2 or Qwen3; on: "
         "error where it cannot be used.")
     packed_weights: bool = Field(
         True, description="CPU bf16: keep frozen linear weights, and their transposes, in oneDNN's blocked layout "
-        "(methods/packed_linear.py; +5% tokens/s measured, costs two more bf16 copies of the frozen linear weights).")
+        "(methods/packed_linear.py; 1.09x tokens/s in the benchmark, costs two more bf16 copies of the frozen linear "
+        "weights).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Extra metric sinks (their libraries must be installed)."
