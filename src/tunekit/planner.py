@@ -419,13 +419,12 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
 
 
 def _fused_ops_apply(model_type: str) -> bool:
-    """Whether the training loop's fused CPU kernels (train.fused_ops auto) switch this model type."""
+    """Whether the training loop's fused CPU kernels (train.fused_ops auto) switch this model type under bf16."""
     import torch
 
-    from .engine.compile import can_compile
-    from .engine.fused_ops import MODEL_TYPES
+    from .engine.fused_ops import applies
 
-    return model_type in MODEL_TYPES and can_compile(torch.device("cpu"))[0]
+    return applies(torch.device("cpu"), "bf16", model_type, compiled_layers=False)[0]
 
 
 def free_memory_bytes(device: str = "cpu") -> int | None:

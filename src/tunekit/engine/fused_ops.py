@@ -182,23 +182,32 @@ def _gated_silu_mlp(mlp: nn.Module) -> bool:
             and (isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")))
 
 
+def applies(device: torch.device, precision: str, model_type: str | None, compiled_layers: bool) -> tuple[bool, str]:
+    """Whether the fused kernels can switch a model of `model_type` trained in `precision` on `device`, and if
+    not, why (the loop's switch and the memory planner ask the same question)."""
+    from .compile import can_compile
+
+    if device.type != "cpu":
+        return False, f"CPU only, not {device.type}"
+    if precision != "bf16":
+        return False, "used under bf16 only"
+    if compiled_layers:
+        return False, "the decoder layers are compiled whole"
+    if model_type not in MODEL_TYPES:
+        return False, f"model type {model_type!r} is not one of {', '.join(sorted(MODEL_TYPES))}"
+    return can_compile(device)
+
+
 def fuse_decoder_ops_(model: nn.Module, setting: str, device: torch.device, precision: str,
                       compiled_layers: bool) -> str:
     """Switch the norms, MLPs and RoPE of `model` (the transformers causal LM) to the fused kernels (mutates the
     modules' forward) when `setting` is on, or auto and they apply. Returns a one-line account for the log."""
     if setting == "off":
         return "fused element-wise ops off"
-    from .compile import can_compile, decoder_layers
+    from .compile import decoder_layers
 
-    why = ""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    ok, why = can_compile(device) if device.type == "cpu" else (False, f"CPU only, not {device.type}")
-    if ok and precision != "bf16":
-        ok, why = False, "used under bf16 only"
-    if ok and compiled_layers:
-        ok, why = False, "the decoder layers are compiled whole"
-    if ok and model_type not in MODEL_TYPES:
-        ok, why = False, f"model type {model_type!r} is not one of {', '.join(sorted(MODEL_TYPES))}"
+    ok, why = applies(device, precision, model_type, compiled_layers)
     layers = decoder_layers(model) if ok else None
     if ok and layers is None:
         ok, why = False, "no decoder layer list found"
@@ -227,10 +236,6 @@ def fuse_decoder_ops_(model: nn.Module, setting: str, device: torch.device, prec
 
 def unfuse_decoder_ops_(model: nn.Module) -> int:
     """Undo `fuse_decoder_ops_` on `model`; returns how many modules were restored."""
-    n = 0
-    for module in model.modules():
-        fn = getattr(module.__dict__.get("forward"), "__func__", None)
-        if fn in (norm_forward, mlp_forward, attention_forward):
-            del module.forward
-            n += 1
-    return n
+    from ..methods.base import restore_forward_
+
+    return restore_forward_(model, norm_forward, mlp_forward, attention_forward)

@@ -163,12 +163,13 @@ def train(cfg: Config) -> TrainResult:
     params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
-    compile_note = compile_decoder_layers_(method.causal_lm(model), tc.compile, device,
+    lm = method.causal_lm(model)
+    compile_note = compile_decoder_layers_(lm, tc.compile, device,
                                            method.supports_compile and objective.supports_compile, steps, n_fused)
     # CPU bf16 kernels: element-wise work fused by Inductor, frozen weights in oneDNN's layout (not with compiled
     # layers, which fuse and lay out on their own).
-    compiled = layers_compiled(method.causal_lm(model))
-    fused_note = fuse_decoder_ops_(method.causal_lm(model), tc.fused_ops, device, precision, compiled)
+    compiled = layers_compiled(lm)
+    fused_note = fuse_decoder_ops_(lm, tc.fused_ops, device, precision, compiled)
     n_packed = (pack_frozen_linears_(model) if tc.packed_weights and precision == "bf16" and not compiled
                 and packing_available(device)[0] else 0)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).

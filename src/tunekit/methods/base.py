@@ -96,6 +96,17 @@ def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def restore_forward_(model: nn.Module, *functions) -> int:
+    """Drop the instance `forward` of every module of `model` that one of `functions` was bound to (undoing a
+    `module.forward = types.MethodType(fn, module)` switch), so its class forward runs again; returns how many."""
+    n = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) in functions:
+            del module.forward
+            n += 1
+    return n
+
+
 def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
     """Store frozen nn.Linear weights in `dtype` (mutates `model`); returns how many were cast.
 

@@ -183,9 +183,6 @@ def use_fast_lora_(model: nn.Module) -> int:
 
 def use_peft_forward_(model: nn.Module) -> int:
     """Undo `use_fast_lora_`: every peft lora.Linear in `model` runs peft's own forward again; returns how many."""
-    n = 0
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is fast_forward:
-            del module.forward
-            n += 1
-    return n
+    from .base import restore_forward_
+
+    return restore_forward_(model, fast_forward)

@@ -55,7 +55,7 @@ class PackedWeight:
         return cls(reorder(plain), reorder(plain.t().contiguous()), weight, weight._version)
 
     def fresh_for(self, weight: torch.Tensor) -> bool:
-        return weight is self.source and weight._version == self.version and weight.dtype == torch.bfloat16
+        return weight is self.source and weight._version == self.version
 
 
 class PackedLinearFn(torch.autograd.Function):
@@ -136,10 +136,8 @@ def pack_frozen_linears_(model: nn.Module) -> int:
 
 def unpack_frozen_linears_(model: nn.Module) -> int:
     """Undo `pack_frozen_linears_` (frees the packed copies); returns how many layers were restored."""
-    n = 0
+    from .base import restore_forward_
+
     for module in model.modules():
-        if module.__dict__.pop(_ATTR, None) is not None:
-            if getattr(module.__dict__.get("forward"), "__func__", None) is packed_forward:
-                del module.forward
-            n += 1
-    return n
+        module.__dict__.pop(_ATTR, None)
+    return restore_forward_(model, packed_forward)
