@@ -20,15 +20,18 @@ def test_throughput_leaves_out_warmup_steps():
 
 def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_model_dir, tmp_path):
     peers = ["trainer", "tunekit"] + (["trl"] if importlib.util.find_spec("trl") else [])
-    rows = main(["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
-                 "--threads", "1", "--only", *peers, "--out", str(tmp_path)])
+    args = ["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
+            "--threads", "1", "--only", *peers, "--out", str(tmp_path), "--trainer-bf16"]
+    rows = main(args)
     from tunekit.allocator import in_use, wanted
 
     malloc = wanted()  # tunekit runs under the malloc `tunekit train` would use; so does one more Trainer run
-    assert sorted(r["runner"] for r in rows) == sorted(peers + (["trainer"] if malloc else []))
+    # --trainer-bf16 adds the Trainer recipe under bf16 autocast (the default on CUDA)
+    assert sorted(r["runner"] for r in rows) == sorted(peers + ["trainer"] + (["trainer"] if malloc else []))
     system = in_use()  # this test process was started without preloading one
     assert [r["malloc"] for r in rows if r["runner"] == "tunekit"] == [malloc[0] if malloc else system]
-    assert [r["malloc"] for r in rows if r["runner"] == "trainer"] == [system] + ([malloc[0]] if malloc else [])
+    assert [r["malloc"] for r in rows if r["runner"] == "trainer"] == [system, system] + ([malloc[0]] if malloc else [])
+    assert [r["precision"] for r in rows if r["runner"] == "trainer"] == ["fp32", "bf16"] + (["fp32"] if malloc else [])
     saved = json.loads((tmp_path / "bench.json").read_text())
     for row in saved["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 2**20
@@ -36,15 +39,16 @@ def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_mode
         assert row["speed_ratio"] > 0 and 0 < row["mfu_bf16"] < 1
     trainer = next(r for r in saved["rows"] if r["runner"] == "trainer")
     tunekit = next(r for r in saved["rows"] if r["runner"] == "tunekit")
-    assert trainer["speed_ratio"] == 1.0
+    assert trainer["speed_ratio"] == 1.0 and trainer["precision"] == "fp32"  # the fp32 recipe is the reference
+    assert trainer["peak_memory_bytes"] == trainer["peak_rss_bytes"]  # CPU: the memory column is peak RSS
+    assert saved["meta"]["device"] == "cpu"
     assert trainer["tokens_seen"] == tunekit["tokens_seen"]  # same examples per step, same steps
     assert saved["meta"]["base_eval_loss"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "x Trainer" in table and "F/token" in table
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # An interrupted or repeated call reuses the runs that finished with the same settings.
-    again = main(["--model", str(tiny_model_dir), "--steps", "3", "--warmup", "1", "--n-train", "24", "--n-test", "6",
-                  "--threads", "1", "--only", *peers, "--out", str(tmp_path), "--reuse"])
+    again = main(args + ["--reuse"])
     assert all(r["reused"] for r in again)
     assert [r["tokens_per_s"] for r in again] == [r["tokens_per_s"] for r in saved["rows"]]
     assert [r["peak_rss_bytes"] for r in again] == [r["peak_rss_bytes"] for r in saved["rows"]]

@@ -4,16 +4,22 @@ transformers builds a block-diagonal (1, 1, T, T) mask for packed rows under sdp
 the whole row (cost ~T^2) and then masks most of it away, and CPUs fall back to the slow masked path. We
 register an attention implementation, "tunekit_sdpa", that takes the sequence boundaries (`cu_seq_lens_q`,
 the same keyword flash-attention's varlen path uses) and runs causal SDPA per sequence: cost sum(L_i^2),
-no mask tensor. Without boundaries (padded batches, generation) it is exactly transformers' sdpa.
+no mask tensor. On CUDA (fp16/bf16, no dropout) the whole row goes through one call of torch's variable-length
+flash attention (`torch.nn.attention.varlen.varlen_attn`) instead of one SDPA call per sequence. Without
+boundaries (padded batches, generation) it is exactly transformers' sdpa.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 NAME = "tunekit_sdpa"
 _registered = False
+_varlen_broken: str | None = None  # why the varlen kernel is not used in this process (after a failure)
 
 
 def packed_causal_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -37,6 +43,10 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout=0
 def _per_sequence(query, key, value, cu: torch.Tensor, scaling, p_drop: float) -> torch.Tensor:
     """Causal attention of each packed sequence to itself: (B, H, T, D) and starts [0, ..., T] -> (B, H, T, D)."""
     lengths = (cu[1:] - cu[:-1]).tolist()  # here, not in the caller: a Python list there would be guarded on
+    if query.is_cuda and p_drop == 0.0 and query.shape[0] == 1 and query.dtype in (torch.float16, torch.bfloat16):
+        out = varlen_causal_attention(query, key, value, cu, max(lengths), scaling)
+        if out is not None:
+            return out
     gqa = query.shape[1] != key.shape[1]
     outs = []
     # split (not slicing): its backward concatenates the gradients instead of zero-filling a full-size tensor
@@ -49,6 +59,44 @@ def _per_sequence(query, key, value, cu: torch.Tensor, scaling, p_drop: float) -
             outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scaling, is_causal=True,
                                                        enable_gqa=gqa))
     return torch.cat(outs, dim=2)
+
+
+def varlen_causal_attention(query, key, value, cu: torch.Tensor, max_len: int, scaling) -> torch.Tensor | None:
+    """One packed row through torch's varlen flash attention: (1, H, T, D), (1, Hkv, T, D) -> (1, H, T, D).
+
+    None when this torch has no varlen kernel or it failed once in this process (then the caller's per-sequence
+    SDPA runs, with a warning the first time). torch 2.9-2.10 spell causal `is_causal=True`, later versions
+    `window_size=(-1, 0)`; versions without `enable_gqa` get the KV heads repeated (as transformers' repeat_kv).
+    """
+    global _varlen_broken
+    if _varlen_broken is not None:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        _varlen_broken = f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    q = query[0].transpose(0, 1)  # (T, H, D): the projection's own layout, usually no copy
+    k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (T, Hkv, D)
+    kwargs = {"scale": scaling} if "scale" in params else {}
+    kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "scale" not in params and scaling is not None and scaling != q.shape[-1] ** -0.5:
+        q = q * (scaling * q.shape[-1] ** 0.5)  # old signature: only the default 1/sqrt(D) scale
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    try:
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kwargs)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        _varlen_broken = f"{type(e).__name__}: {e}"
+        warnings.warn(f"tunekit: varlen flash attention failed ({_varlen_broken}); using SDPA per sequence")
+        return None
+    return out.unsqueeze(0).transpose(1, 2)  # (1, H, T, D) view of the (1, T, H, D) result
 
 
 def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

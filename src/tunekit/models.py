@@ -1,9 +1,14 @@
-"""Load a base model: the packaged default, a local folder, a .gguf file, or a hub id.
+"""Load a base model: the packaged default, a local folder, a .gguf file, a hub id, or random weights.
 
 GGUF files load through transformers' GGUF reader, which marks the model as quantized (not serialisable,
 not trainable as a normal model). We therefore convert a GGUF once into a plain safetensors folder
 (weights dequantized to fp32, tokenizer and chat template included) under the cache directory and load that
 folder from then on.
+
+`random:<config>` builds a model with random weights from a transformers config (a config.json, a folder holding
+one, or a preset under configs/models/, e.g. `random:llama-3.2-1b`): for throughput and memory benchmarks of a
+model size without downloading its weights. The folder is made once per (config, seed) under the cache directory,
+weights in bf16, with the tokenizer found next to the config or else the packaged default's.
 """
 
 from __future__ import annotations
@@ -84,12 +89,77 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+RANDOM_PREFIX = "random:"
+
+
+def _config_file(ref: str) -> Path:
+    """The config.json a `random:` reference names: a file, a folder holding one, or a preset name."""
+    from .planner import MODEL_PRESETS, presets
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists() and (MODEL_PRESETS / f"{ref}.json").exists():
+        path = MODEL_PRESETS / f"{ref}.json"
+    if not path.is_file():
+        raise ModelError(f"{RANDOM_PREFIX}{ref}: no config found; give a config.json, a folder holding one or a "
+                         f"preset ({', '.join(presets())})")
+    return path
+
+
+def random_init_folder(ref: str, seed: int = 0) -> Path:
+    """Model folder with random weights for the config `ref` names (see the module docstring); made once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_path = _config_file(ref)
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_path}: not valid JSON ({e})") from None
+    raw = {k: v for k, v in raw.items() if not k.startswith("_comment")}
+    digest = hashlib.sha1(json.dumps(raw, sort_keys=True).encode() + f"|seed={seed}".encode()).hexdigest()[:10]
+    stem = config_path.parent.name if config_path.name == "config.json" else config_path.stem
+    out = cache_dir() / "models" / f"random-{stem}-{digest}"
+    if (out / "config.json").exists():
+        return out
+    has_tokenizer = (config_path.parent / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(str(config_path.parent) if has_tokenizer else DEFAULT_MODEL)
+    if "model_type" not in raw:
+        raise ModelError(f"{config_path}: no 'model_type'; is it a transformers causal-LM config.json?")
+    if raw.get("vocab_size", 0) < len(tokenizer):
+        raise ModelError(f"{config_path}: vocab_size {raw.get('vocab_size')} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens ({'next to the config' if has_tokenizer else DEFAULT_MODEL})")
+    config = AutoConfig.for_model(**raw)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the tokenizer's ids, not the config's origin's
+        setattr(config, key, getattr(tokenizer, key))
+    print(f"[tunekit] building {RANDOM_PREFIX}{ref} with random weights (seed {seed}) in {out} (once)", flush=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tunekit_source.json").write_text(json.dumps({"random_init": str(config_path), "seed": seed}))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process made it first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def resolve_model_path(name: str) -> str:
     """Turn a model reference into something `from_pretrained` can read offline where possible."""
+    if name.startswith(RANDOM_PREFIX):
+        return str(random_init_folder(name[len(RANDOM_PREFIX):]))
     if name in PACKAGED:
-        gguf = packaged_gguf(name)
         out = cache_dir() / "models" / name
-        if not (out / "config.json").exists():
+        if not (out / "config.json").exists():  # converted once; the package is needed only for that
+            gguf = packaged_gguf(name)
             print(f"[tunekit] converting {gguf.name} to {out} (once)", flush=True)
             convert_gguf(gguf, out)
         return str(out)
@@ -109,7 +179,8 @@ def resolve_model_path(name: str) -> str:
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # hub id; transformers reports if it is unreachable
     raise ModelError(
-        f"cannot find model {name!r}: not a packaged alias ({', '.join(PACKAGED)}), folder, .gguf file or hub id"
+        f"cannot find model {name!r}: not a packaged alias ({', '.join(PACKAGED)}), folder, .gguf file, hub id "
+        f"or {RANDOM_PREFIX}<config>"
     )
 
 

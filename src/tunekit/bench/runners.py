@@ -5,7 +5,10 @@ the real (non-padding) token count of every optimizer step, saves the adapter in
 `result.json` into the spec's `out` folder. The parent measures the process's peak RSS (wait4) and scores
 every adapter with one shared eval function, so no tool grades itself.
 
-Runners: `trainer` (transformers Trainer + peft, fp32, padded batches: the recipe most tutorials give),
+On CUDA (spec `device`), every run also records torch.cuda.max_memory_allocated, the peak the table shows there.
+
+Runners: `trainer` (transformers Trainer + peft, fp32, padded batches: the recipe most tutorials give; with
+`trainer_bf16`, the same under bf16 autocast),
 `trl` (TRL SFTTrainer: bf16, packing, completion-only loss), `tunekit` (our engine, with `variant` switches
 that turn single optimisations off for the ablation table), `eval` (the shared scorer).
 """
@@ -86,11 +89,12 @@ def run_trainer(spec: dict, out: Path) -> dict:
     model = load_model(spec["model"], "float32", attn_implementation="sdpa")
     model = get_peft_model(model, lora_config(spec))
     clock = StepClock()
+    bf16 = bool(spec.get("trainer_bf16"))
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=spec["max_grad_norm"],
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        max_grad_norm=spec["max_grad_norm"], bf16=bf16,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=spec_device(spec) == "cpu",
         dataloader_num_workers=0, seed=spec["seed"], remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
@@ -98,7 +102,7 @@ def run_trainer(spec: dict, out: Path) -> dict:
     trainer.train()
     model.save_pretrained(out / "adapter")
     return {"step_times": clock.step_times(), "step_tokens": tokens[: len(clock.step_times())],
-            "precision": "fp32", "packing": False}
+            "precision": "bf16" if bf16 else "fp32", "packing": False}
 
 
 def run_trl(spec: dict, out: Path) -> dict:
@@ -116,7 +120,7 @@ def run_trl(spec: dict, out: Path) -> dict:
         max_length=spec["trl_row_tokens"], packing=True, completion_only_loss=True, bf16=True,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=spec["max_grad_norm"],
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=spec_device(spec) == "cpu",
         dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, dataset_num_proc=1,
     )
     model = load_model(spec["model"], "float32", attn_implementation="sdpa")
@@ -150,7 +154,7 @@ def run_tunekit(spec: dict, out: Path) -> dict:
         "optim.warmup_steps": 0, "optim.max_grad_norm": spec["max_grad_norm"], "train.max_steps": spec["steps"],
         "train.batch_size": spec["batch_size"], "train.seed": spec["seed"], "train.eval_every": 0,
         "train.save_every": 0, "train.progress": False, "train.output_dir": str(out / "run"),
-        "model.name": spec["model"],
+        "train.device": spec_device(spec), "model.name": spec["model"],
     }
     overrides.update(variant.get("overrides", {}))
     if variant.get("full_logits"):
@@ -188,12 +192,14 @@ def run_eval(spec: dict, out: Path) -> dict:
     from ..engine.loss import label_only_loss_sum
 
     tok, examples = prepared(spec, "test")
+    device = torch.device(spec_device(spec))
 
     def mean_loss(model) -> float:
-        model.eval()
+        model.to(device).eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in eval_batches(examples, 16, False, tok.pad_token_id):
+                batch = batch.to(device)
                 hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 loss_sum, n = label_only_loss_sum(hidden.last_hidden_state, model.lm_head, batch.targets)
                 total, count = total + float(loss_sum), count + n
@@ -205,6 +211,11 @@ def run_eval(spec: dict, out: Path) -> dict:
     losses = {name: mean_loss(PeftModel.from_pretrained(base(), adapter).get_base_model())
               for name, adapter in spec["adapters"].items()}
     return {"eval_loss": losses, "base_eval_loss": mean_loss(base())}
+
+
+def spec_device(spec: dict) -> str:
+    """"cpu" or "cuda": the parent's choice (train_bench --device), else CUDA when there is one."""
+    return spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 RUNNERS = {"trainer": run_trainer, "trl": run_trl, "tunekit": run_tunekit, "eval": run_eval}
@@ -220,6 +231,8 @@ def main(argv: list[str]) -> None:
     resolve_model_path(spec["model"])  # converts the packaged GGUF once, outside any timing
     result = RUNNERS[spec["runner"]](spec, out)
     result["torch_threads"] = torch.get_num_threads()
+    if spec_device(spec) == "cuda":  # everything the run allocated through torch on the GPU, at its peak
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     from ..allocator import in_use
 
     result["malloc"] = in_use()

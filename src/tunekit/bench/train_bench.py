@@ -1,6 +1,7 @@
 """Training speed benchmark: tunekit against the transformers Trainer + peft recipe and TRL's SFTTrainer.
 
     tunekit bench train [--steps 30] [--ablations] [--out runs/bench]
+    tunekit bench train --device cuda --model random:llama-3.2-1b     (GPU: a 1.2B Llama with random weights)
     python benchmarks/train_bench.py ...           (the same)
 
 One run, one machine, the same model, data, LoRA (r=8, alpha=16, q_proj/v_proj, dropout 0.05), learning rate
@@ -9,8 +10,9 @@ the other. tunekit runs under the malloc `tunekit train` uses (tcmalloc when ins
 peers under the system's as their users run them; one more Trainer run under tunekit's malloc shows how much of
 the difference is the allocator (`--no-peer-malloc` leaves it out). A matmul peak is measured in the same run
 for MFU. Eval loss is computed afterwards for every adapter by one shared scorer (fp32, completion tokens of
-held-out examples). Writes bench.json, bench.md and
-bench.png into --out.
+held-out examples). On CUDA the memory column is each run's torch.cuda.max_memory_allocated (RSS is kept in the
+JSON), the matmul peak is an 8192^3 product, and one more Trainer run uses bf16 autocast (`--trainer-bf16`; the
+fp32 recipe stays the reference). Writes bench.json, bench.md and bench.png into --out.
 """
 
 from __future__ import annotations
@@ -40,12 +42,19 @@ ABLATIONS = {
     "tcmalloc": ("tunekit -tcmalloc/jemalloc (system malloc)", {"env": {"TUNEKIT_MALLOC": "system"}}),
 }
 LABELS = {"trainer": "Trainer + peft (fp32, padded)", "trl": "TRL SFTTrainer (bf16, packing)", "tunekit": "tunekit"}
+TRAINER_BF16 = "Trainer + peft (bf16 autocast, padded)"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tunekit bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="Base model (default: the packaged SmolLM2-135M).")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="Base model (default: the packaged SmolLM2-135M; random:<config or preset> for random weights "
+                        "of a given shape, e.g. random:llama-3.2-1b).")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="Where every run trains (default: CUDA when there is one).")
+    p.add_argument("--trainer-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="Also run the Trainer recipe under bf16 autocast (default: on CUDA only).")
     p.add_argument("--steps", type=int, default=30, help="Optimizer steps for Trainer and tunekit (default 30).")
     p.add_argument("--warmup", type=int, default=3, help="Steps left out of the tokens/s figure (default 3).")
     p.add_argument("--batch-size", type=int, default=8, help="Examples per step (default 8).")
@@ -59,7 +68,7 @@ def parse_args(argv=None):
                    help="Also run leave-one-out ablations of tunekit (all when given without names).")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's).")
     p.add_argument("--no-peer-malloc", action="store_true",
-                   help="Leave out the Trainer run under tunekit's malloc.")
+                   help="Leave out the Trainer run under tunekit's malloc (CPU; never run on CUDA).")
     p.add_argument("--out", default="runs/bench", help="Output folder (default runs/bench).")
     p.add_argument("--reuse", action="store_true",
                    help="Reuse runs of an earlier call in --out that finished with the same settings (an interrupted "
@@ -128,12 +137,14 @@ def throughput(result: dict, warmup: int) -> dict:
             "timed_steps": len(times), "tokens_seen": sum(result["step_tokens"])}
 
 
-def measure_peaks(threads: int | None) -> dict:
-    """fp32 and bf16 2048^3 matmul peaks, measured in a child like the runs (same thread count)."""
+def measure_peaks(threads: int | None, device: str = "cpu") -> dict:
+    """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count): 2048^3 on CPU, 8192^3 on
+    CUDA (a 2048^3 product is too small to fill a large GPU)."""
+    n = 8192 if device == "cuda" else 2048
     code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak\n"
             f"torch.set_num_threads({threads}) if {threads!r} else None\n"
-            "print(json.dumps({'fp32': measure_matmul_peak(torch.float32, seconds=3),"
-            " 'bf16': measure_matmul_peak(torch.bfloat16, seconds=3)}))")
+            f"print(json.dumps({{'fp32': measure_matmul_peak(torch.float32, {device!r}, n={n}, seconds=3),"
+            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, n={n}, seconds=3)}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -146,17 +157,23 @@ def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
     return flops_per_token(ModelShape.from_model(base), label_fraction, mean_len)
 
 
+def memory_label(device: str) -> str:
+    return "peak CUDA alloc GiB" if device == "cuda" else "peak RSS GiB"
+
+
 def format_markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| run | malloc | tokens/s | x Trainer | peak RSS GiB | x Trainer | eval loss | MFU (bf16 peak) "
-            "| tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    device = meta.get("device", "cpu")
+    head = (f"| run | malloc | tokens/s | x Trainer | {memory_label(device)} | x Trainer | eval loss | "
+            "MFU (bf16 peak) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r['name']} | {r.get('malloc') or '-'} | {r['tokens_per_s']:.0f} | "
                      f"{r.get('speed_ratio', float('nan')):.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r.get('memory_ratio', float('nan')):.2f} | "
+                     f"{r.get('peak_memory_bytes', r['peak_rss_bytes']) / 2**30:.2f} | "
+                     f"{r.get('memory_ratio', float('nan')):.2f} | "
                      f"{r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% | {r['tokens_seen']:,} |")
     lines.append("")
-    lines.append(f"Matmul peak measured in this run (2048^3): fp32 {meta['peak']['fp32'] / 1e9:.0f} GFLOP/s, "
+    lines.append(f"Device: {device}. Matmul peak measured in this run ({meta.get('peak_n', 2048)}^3): fp32 {meta['peak']['fp32'] / 1e9:.0f} GFLOP/s, "
                  f"bf16 {meta['peak']['bf16'] / 1e9:.0f} GFLOP/s. {meta['formula']}; F/token here = "
                  f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
                  f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
@@ -169,7 +186,8 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "LoRA r=8 q/v on SmolLM2-135M, CPU: one benchmark run",
+         device: str = "cpu") -> None:
     try:
         import matplotlib
 
@@ -181,14 +199,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.55 * len(rows) + 1.8))
     names = [r["name"] for r in rows][::-1]
     for ax, key, label in [(axes[0], "tokens_per_s", "real tokens/s (higher is better)"),
-                           (axes[1], "peak_rss_bytes", "peak RSS, GiB (lower is better)")]:
-        vals = [r[key] / (2**30 if key == "peak_rss_bytes" else 1) for r in rows][::-1]
+                           (axes[1], "peak_memory_bytes", f"{memory_label(device)} (lower is better)")]:
+        vals = [r.get(key, r["peak_rss_bytes"]) / (2**30 if key == "peak_memory_bytes" else 1) for r in rows][::-1]
         bars = ax.barh(names, vals, color=["#2b7bba" if n.startswith("tunekit") else "#999999" for n in names])
-        ax.bar_label(bars, fmt="%.1f" if key == "peak_rss_bytes" else "%.0f", padding=3)
+        ax.bar_label(bars, fmt="%.1f" if key == "peak_memory_bytes" else "%.0f", padding=3)
         ax.set_xlabel(label)
         ax.margins(x=0.15)
     axes[1].set_yticklabels([])
-    fig.suptitle("LoRA r=8 q/v on SmolLM2-135M, CPU: one benchmark run")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -197,6 +215,11 @@ def main(argv=None) -> list[dict]:
     from ..demo.invoices import write_demo_dataset
 
     args = parse_args(argv)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tunekit bench train --device cuda: torch sees no CUDA device here")
     out = Path(args.out)
     paths = write_demo_dataset(out / "data", n_train=args.n_train, n_test=args.n_test)
     max_length = 512
@@ -205,20 +228,24 @@ def main(argv=None) -> list[dict]:
             "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "lr": args.lr,
             "max_grad_norm": 1.0,  # the Trainer's and SFTTrainer's default clipping, for every tool
             "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
+            "device": device,
             # TRL packs rows of ~batch_size examples and stops at the same token budget as the others.
             "trl_row_tokens": int(-(-args.batch_size * mean_len // 64) * 64),
             "token_budget": int(args.steps * args.batch_size * mean_len)}
     print(f"[bench] data: {args.n_train} examples, mean {mean_len:.0f} tokens, {100 * label_fraction:.0f}% with a "
           f"loss; {args.steps} steps x {args.batch_size} examples", flush=True)
-    peak = measure_peaks(args.threads)
+    peak = measure_peaks(args.threads, device)
     print(f"[bench] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
           flush=True)
     runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
     from ..allocator import wanted
 
     malloc = wanted()
-    if malloc and not args.no_peer_malloc and "trainer" in (args.only or PEERS):
+    if malloc and not args.no_peer_malloc and device == "cpu" and "trainer" in (args.only or PEERS):
         runs.insert(1, (f"{LABELS['trainer']} under {malloc[0]}", dict(base, runner="trainer", tunekit_malloc=True)))
+    trainer_bf16 = args.trainer_bf16 if args.trainer_bf16 is not None else device == "cuda"
+    if trainer_bf16 and "trainer" in (args.only or PEERS):
+        runs.insert(1, (TRAINER_BF16, dict(base, runner="trainer", trainer_bf16=True)))
     if args.ablations is not None:
         runs += [(ABLATIONS[k][0], dict(base, runner="tunekit", variant=ABLATIONS[k][1]))
                  for k in (args.ablations or ABLATIONS)]
@@ -234,10 +261,12 @@ def main(argv=None) -> list[dict]:
             failed.append(name)
             continue
         row = {"name": name, "runner": spec["runner"], "peak_rss_bytes": rss, "precision": result["precision"],
+               "peak_memory_bytes": result.get("cuda_peak_bytes", rss),
                "malloc": result.get("malloc"), "reused": bool(done),
                "wall_s": time.perf_counter() - t, "adapter": str(out / f"run{i}" / "adapter"),
                **throughput(result, args.warmup)}
-        print(f"[bench]   {row['tokens_per_s']:.0f} tokens/s, peak RSS {rss / 2**30:.2f} GiB, "
+        print(f"[bench]   {row['tokens_per_s']:.0f} tokens/s, {memory_label(device)} "
+              f"{row['peak_memory_bytes'] / 2**30:.2f}, "
               f"malloc {row['malloc']}, {row['tokens_seen']:,} tokens"
               + (" (reused)" if done else f" in {row['wall_s']:.0f} s"), flush=True)
         rows.append(row)
@@ -248,24 +277,26 @@ def main(argv=None) -> list[dict]:
     adapters = {r["name"]: r["adapter"] for r in rows}
     scored, _ = run_child(dict(base, runner="eval", adapters=adapters), out / "eval")
     flops = model_flops(args.model, label_fraction, mean_len)
-    ref = next((r for r in rows if r["runner"] == "trainer"), None)
+    ref = next((r for r in rows if r["name"] == LABELS["trainer"]), None)  # the fp32 recipe, system malloc
     for r in rows:
         r["eval_loss"] = scored["eval_loss"][r["name"]]
         r["mfu_bf16"] = r["tokens_per_s"] * flops / peak["bf16"]
         r["mfu_own_precision"] = r["tokens_per_s"] * flops / peak["bf16" if r["precision"] == "bf16" else "fp32"]
         if ref:
             r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            r["memory_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+            r["memory_ratio"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
     from ..engine.flops import FORMULA
 
     meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
             "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
-            "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed}
+            "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed, "device": device,
+            "peak_n": 8192 if device == "cuda" else 2048}
     table = format_markdown(rows, meta)
     print("\n" + table + "\n", flush=True)
     (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
     (out / "bench.md").write_text(table + "\n")
-    plot(rows, out / "bench.png")
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    plot(rows, out / "bench.png", f"LoRA r=8 q/v on {args.model}, {where}: one benchmark run", device)
     print(f"[bench] wrote {out}/bench.json, bench.md, bench.png", flush=True)
     return rows
 
