@@ -180,8 +180,10 @@ def run_tunekit(spec: dict, out: Path) -> dict:
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens" in r]
     (out / "adapter").symlink_to((out / "run").resolve(), target_is_directory=True)
+    run = json.loads((out / "run" / "result.json").read_text())
     return {"step_times": [r["tokens"] / r["tokens_per_s"] for r in steps], "step_tokens": [r["tokens"] for r in steps],
-            "precision": cfg.train.precision, "packing": cfg.data.packing}
+            "precision": run["precision"], "packing": cfg.data.packing,
+            "planned_peak_bytes": run.get("planned_peak_bytes")}  # tunekit plan's prediction for this run
 
 
 def run_eval(spec: dict, out: Path) -> dict:

@@ -178,6 +178,10 @@ def format_markdown(rows: list[dict], meta: dict) -> str:
                  f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
                  f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
                  f"tokens/s = real (non-padding) tokens / time over steps after {meta['warmup']} warm-up steps.")
+    planned = [f"{r['name']} {r['planned_peak_bytes'] / r['peak_memory_bytes'] - 1:+.0%}" for r in rows
+               if r.get("planned_peak_bytes")]
+    if planned:
+        lines.append(f"tunekit plan's prediction against the measured peak: {', '.join(planned)}.")
     if meta.get("failed"):
         lines.append(f"Failed and left out (their log.txt says why): {', '.join(meta['failed'])}.")
     reused = [r["name"] for r in rows if r.get("reused")]
@@ -262,6 +266,7 @@ def main(argv=None) -> list[dict]:
             continue
         row = {"name": name, "runner": spec["runner"], "peak_rss_bytes": rss, "precision": result["precision"],
                "peak_memory_bytes": result.get("cuda_peak_bytes", rss),
+               "planned_peak_bytes": result.get("planned_peak_bytes"),
                "malloc": result.get("malloc"), "reused": bool(done),
                "wall_s": time.perf_counter() - t, "adapter": str(out / f"run{i}" / "adapter"),
                **throughput(result, args.warmup)}
