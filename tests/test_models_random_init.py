@@ -54,3 +54,13 @@ def test_presets_resolve_by_name_and_bad_configs_say_why(tmp_path, tokenizer):
     with pytest.raises(ModelError, match="broken.json: not valid JSON"):
         resolve_model_path(f"random:{broken}")
     assert not list(cache_dir().glob("models/random-small-*"))  # nothing half-made
+
+
+def test_the_planner_reads_a_random_models_shape_without_building_it(tmp_path, monkeypatch):
+    from tunekit.planner import load_shape
+
+    monkeypatch.setenv("TUNEKIT_CACHE", str(tmp_path / "cache"))
+    shape = load_shape("random:llama-3.2-1b")
+    preset = load_shape("llama-3.2-1b")
+    assert (shape.layers, shape.hidden, shape.vocab) == (preset.layers, preset.hidden, preset.vocab) == (16, 2048, 128256)
+    assert not (tmp_path / "cache").exists()  # no weights built for a plan

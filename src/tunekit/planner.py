@@ -138,19 +138,23 @@ def presets() -> list[str]:
 
 
 def load_shape(model: str) -> ModelShape:
-    """`model`: a config.json, a model folder, a preset under configs/models/, or a packaged model alias."""
-    path = Path(model).expanduser()
+    """`model`: a config.json, a model folder, a preset under configs/models/, or a packaged model alias (also after
+    `random:`, the same shape with random weights: models.py)."""
+    from .models import RANDOM_PREFIX
+
+    shape_of = model[len(RANDOM_PREFIX):] if model.startswith(RANDOM_PREFIX) else model
+    path = Path(shape_of).expanduser()
     if path.is_dir():
         path = path / "config.json"
-    elif not path.exists() and (MODEL_PRESETS / f"{model}.json").exists():
-        path = MODEL_PRESETS / f"{model}.json"
+    elif not path.exists() and (MODEL_PRESETS / f"{shape_of}.json").exists():
+        path = MODEL_PRESETS / f"{shape_of}.json"
     elif not path.exists():
         from .models import PACKAGED, resolve_model_path
 
-        if model not in PACKAGED:
+        if shape_of not in PACKAGED:
             raise PlanError(f"model {model!r}: not a config.json, a model folder, a preset ({', '.join(presets())}) "
                             f"or a packaged model ({', '.join(PACKAGED)})")
-        path = Path(resolve_model_path(model)) / "config.json"
+        path = Path(resolve_model_path(shape_of)) / "config.json"
     if not path.exists():
         raise PlanError(f"{path} not found: give a config.json or a folder holding one")
     try:
