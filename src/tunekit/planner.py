@@ -14,9 +14,10 @@ a micro-batch of step 2 (weights, adapter, optimizer state and every tensor save
                  packing); attention adds a*L^2 per sequence on CPU (tunekit's attention keeps the compute-dtype
                  probabilities), nothing quadratic on CUDA (SDPA keeps a log-sum-exp per row); no gradient
                  checkpointing; the loss gathers label positions and computes logits in ~32 MiB chunks
-    allocator    CPU: the free memory malloc keeps between saved tensors (CPU_HEAP_FACTOR, the one measured
-                 constant, per malloc: tcmalloc/jemalloc, which the tunekit commands use when installed, or
-                 glibc's), less the gradients and optimizer state that fill it; CUDA: 5% caching-allocator rounding
+    allocator    CPU: the free memory malloc keeps (CPU_HEAP, the two measured constants per malloc: a share of
+                 the saved activations and a multiple of the fp32 model as loaded; tcmalloc/jemalloc, which the
+                 tunekit commands use when installed, or glibc's), less the optimizer state that fills it;
+                 CUDA: 5% caching-allocator rounding
     overhead     CPU: the measured resident size of Python + torch + transformers + peft + the tokenizer and
                  data before the model loads; CUDA: 0 (the CUDA context is not counted by
                  torch.cuda.max_memory_allocated, which tunekit reports)
@@ -40,12 +41,24 @@ PLAN_METHODS = ("lora", "qlora", "dora", "full", "freeze", "select", "ia3", "bit
 QLORA_BITS = 4 + 8 / 64 + 32 / (256 * 64)  # NF4 + 8-bit block scales + fp32 scale per 256 scales = 4.127
 LOSS_CHUNK_BYTES = 2**23 * 4  # engine/loss.py: chunks of 2**23 fp32 logits (32 MiB)
 CPU_OVERHEAD = 400 * 2**20  # measured: RSS after importing tunekit/torch/transformers/peft + tokenizer + demo data
-# Peak RSS on CPU as a multiple of the saved activations, by malloc (tunekit/allocator.py): the temporaries each
-# layer frees between its saved tensors leave free memory the allocator keeps; gradients and optimizer state,
-# allocated after the forward pass, land in it first. Measured on this machine (README, "Plan memory"):
-# tcmalloc/jemalloc on the peaks of whole 20-step LoRA runs of SmolLM2-135M at 4 and 8 sequences per micro-batch
-# (they stay near their first steps' level); glibc on 5-step runs, and its peak keeps growing after them.
-CPU_HEAP_FACTOR = {"tcmalloc": 1.7, "jemalloc": 1.7, "glibc": 1.9}
+
+
+@dataclass(frozen=True)
+class HeapFit:
+    """CPU heap beyond the live tensors: `activations` x the saved activations (the temporaries each layer frees
+    between its saved tensors) + `model` x the fp32 model's bytes as loaded (the fp32 weights freed when frozen
+    linears are cast to bf16, quantized or packed, and the loading's own buffers); the optimizer state, allocated
+    after the first forward pass, lands in that free memory first."""
+
+    activations: float
+    model: float
+
+
+# Fitted per malloc (tunekit/allocator.py) on two runs of this machine (README, "Plan memory"): LoRA r16 on
+# SmolLM2-135M, 4 and 8 sequences per micro-batch. tcmalloc on whole 20-step peaks (session 11; the 5 other runs
+# of the table, full and QLoRA included, fall within 1% of it); jemalloc measured within 1% of tcmalloc on one run;
+# glibc on 5-step peaks, and its peak keeps growing after them.
+CPU_HEAP = {"tcmalloc": HeapFit(0.18, 2.1), "jemalloc": HeapFit(0.18, 2.1), "glibc": HeapFit(0.36, 1.75)}
 CUDA_OVERHEAD_FRACTION = 0.05  # caching-allocator block rounding on top of live tensors
 GiB = 2**30
 
@@ -404,14 +417,14 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
         from .allocator import planned
 
         malloc = malloc or planned()
-        if malloc not in CPU_HEAP_FACTOR:  # another system malloc (musl, macOS): glibc's figure, unmeasured
+        if malloc not in CPU_HEAP:  # another system malloc (musl, macOS): glibc's figure, unmeasured
             notes.append(f"malloc {malloc}: no measured factor, planned as glibc")
         elif malloc == "glibc":
             notes.append("glibc malloc: the peak keeps growing after the first steps (measured +17% by step 20, "
                          "+27..41% by step 40); tcmalloc (apt install libtcmalloc-minimal4) keeps it flat")
         overhead = CPU_OVERHEAD
-        allocator = max(0, int((CPU_HEAP_FACTOR.get(malloc, CPU_HEAP_FACTOR["glibc"]) - 1) * acts)
-                        - gradients - optimizer)
+        fit = CPU_HEAP.get(malloc, CPU_HEAP["glibc"])
+        allocator = max(0, int(fit.activations * acts + fit.model * 4 * s.total_params()) - optimizer)
     else:
         malloc = ""
         overhead = 0  # the CUDA context (~0.5 GiB) is outside torch.cuda.max_memory_allocated
