@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def varlen_causal_attention(query, key, value, cu: torch.Tensor, max_len: int, s
     except ImportError:
         _varlen_broken = f"torch {torch.__version__} has no torch.nn.attention.varlen"
         return None
-    params = inspect.signature(varlen_attn).parameters
+    params = _keywords(varlen_attn)
     q = query[0].transpose(0, 1)  # (T, H, D): the projection's own layout, usually no copy
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (T, Hkv, D)
     kwargs = {"scale": scaling} if "scale" in params else {}
@@ -97,6 +98,12 @@ def varlen_causal_attention(query, key, value, cu: torch.Tensor, max_len: int, s
         warnings.warn(f"tunekit: varlen flash attention failed ({_varlen_broken}); using SDPA per sequence")
         return None
     return out.unsqueeze(0).transpose(1, 2)  # (1, H, T, D) view of the (1, T, H, D) result
+
+
+@lru_cache(maxsize=4)
+def _keywords(fn) -> frozenset[str]:
+    """The parameter names of `fn`, read once per function (the varlen call runs per layer and step)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def grouped_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

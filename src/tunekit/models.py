@@ -94,14 +94,10 @@ RANDOM_PREFIX = "random:"
 
 def _config_file(ref: str) -> Path:
     """The config.json a `random:` reference names: a file, a folder holding one, or a preset name."""
-    from .planner import MODEL_PRESETS, presets
+    from .planner import config_path, presets
 
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    elif not path.exists() and (MODEL_PRESETS / f"{ref}.json").exists():
-        path = MODEL_PRESETS / f"{ref}.json"
-    if not path.is_file():
+    path = config_path(ref)
+    if path is None or not path.is_file():
         raise ModelError(f"{RANDOM_PREFIX}{ref}: no config found; give a config.json, a folder holding one or a "
                          f"preset ({', '.join(presets())})")
     return path
@@ -122,10 +118,10 @@ def random_init_folder(ref: str, seed: int = 0) -> Path:
     out = cache_dir() / "models" / f"random-{stem}-{digest}"
     if (out / "config.json").exists():
         return out
-    has_tokenizer = (config_path.parent / "tokenizer_config.json").exists()
-    tokenizer = load_tokenizer(str(config_path.parent) if has_tokenizer else DEFAULT_MODEL)
     if "model_type" not in raw:
         raise ModelError(f"{config_path}: no 'model_type'; is it a transformers causal-LM config.json?")
+    has_tokenizer = (config_path.parent / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(str(config_path.parent) if has_tokenizer else DEFAULT_MODEL)
     if raw.get("vocab_size", 0) < len(tokenizer):
         raise ModelError(f"{config_path}: vocab_size {raw.get('vocab_size')} is smaller than the tokenizer's "
                          f"{len(tokenizer)} tokens ({'next to the config' if has_tokenizer else DEFAULT_MODEL})")

@@ -150,18 +150,26 @@ def presets() -> list[str]:
     return sorted(p.stem for p in MODEL_PRESETS.glob("*.json"))
 
 
+def config_path(ref: str) -> Path | None:
+    """Where the config.json `ref` names should be: a folder's config.json, the file itself, or a preset under
+    configs/models/; None when `ref` is none of those (existence of a folder's config.json is left to the caller)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path / "config.json"
+    if path.exists():
+        return path
+    preset = MODEL_PRESETS / f"{ref}.json"
+    return preset if preset.exists() else None
+
+
 def load_shape(model: str) -> ModelShape:
     """`model`: a config.json, a model folder, a preset under configs/models/, or a packaged model alias (also after
     `random:`, the same shape with random weights: models.py)."""
     from .models import RANDOM_PREFIX
 
     shape_of = model[len(RANDOM_PREFIX):] if model.startswith(RANDOM_PREFIX) else model
-    path = Path(shape_of).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    elif not path.exists() and (MODEL_PRESETS / f"{shape_of}.json").exists():
-        path = MODEL_PRESETS / f"{shape_of}.json"
-    elif not path.exists():
+    path = config_path(shape_of)
+    if path is None:
         from .models import PACKAGED, resolve_model_path
 
         if shape_of not in PACKAGED:

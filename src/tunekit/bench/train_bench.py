@@ -138,13 +138,12 @@ def throughput(result: dict, warmup: int) -> dict:
 
 
 def measure_peaks(threads: int | None, device: str = "cpu") -> dict:
-    """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count): 2048^3 on CPU, 8192^3 on
-    CUDA (a 2048^3 product is too small to fill a large GPU)."""
-    n = 8192 if device == "cuda" else 2048
+    """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count), at the product size
+    engine/flops.matmul_peak_size gives the device."""
     code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak\n"
             f"torch.set_num_threads({threads}) if {threads!r} else None\n"
-            f"print(json.dumps({{'fp32': measure_matmul_peak(torch.float32, {device!r}, n={n}, seconds=3),"
-            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, n={n}, seconds=3)}}))")
+            f"print(json.dumps({{'fp32': measure_matmul_peak(torch.float32, {device!r}, seconds=3),"
+            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, seconds=3)}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -290,12 +289,12 @@ def main(argv=None) -> list[dict]:
         if ref:
             r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
             r["memory_ratio"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
-    from ..engine.flops import FORMULA
+    from ..engine.flops import FORMULA, matmul_peak_size
 
     meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
             "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
             "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed, "device": device,
-            "peak_n": 8192 if device == "cuda" else 2048}
+            "peak_n": matmul_peak_size(device)}
     table = format_markdown(rows, meta)
     print("\n" + table + "\n", flush=True)
     (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))

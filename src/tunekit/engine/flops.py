@@ -82,8 +82,14 @@ FORMULA = ("F/token = 4*P_lin + 2*P_lin_trained + (4|6)*P_head*f_label + 12*n_la
            "MFU = tokens/s * F / measured matmul peak")
 
 
-def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n^3 matmul over ~`seconds` (2·n^3 FLOPs per product)."""
+def matmul_peak_size(device: str) -> int:
+    """n of the n^3 product a peak is measured with: 2048 keeps a CPU busy; a large GPU needs 8192 to reach its peak."""
+    return 8192 if device.startswith("cuda") else 2048
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int | None = None, seconds: float = 1.0) -> float:
+    """Best FLOP/s of an n^3 matmul over ~`seconds` (2·n^3 FLOPs per product; n: matmul_peak_size by default)."""
+    n = n or matmul_peak_size(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -115,8 +121,7 @@ def cached_matmul_peak(dtype: torch.dtype, device: torch.device, cache_dir: Path
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    # 2048^3 keeps a CPU busy; a large GPU needs 8192^3 products to reach its peak
-    measured = measure_matmul_peak(dtype, str(device), n=8192 if device.type == "cuda" else 2048, seconds=seconds)
+    measured = measure_matmul_peak(dtype, str(device), seconds=seconds)
     if measured > table.get(key, 0.0):
         table[key] = measured
         try:
