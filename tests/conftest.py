@@ -42,6 +42,22 @@ def _restore_torch_globals():
         yield
 
 
+AVX2_ONLY = "avx2,fma,sse4_2"  # a Zen 2/3-like x86 CPU: no AVX-512, no native bf16, no AMX
+
+
+@pytest.fixture
+def simulated_avx2_cpu(monkeypatch):
+    """tunekit decides as on an AVX2-only CPU (TUNEKIT_CPU_FLAGS, engine/device.py): auto precision, packed
+    weights, the bf16 peak. torch and oneDNN still run the real CPU's kernels."""
+    from tunekit.engine.device import cpu_flags
+
+    monkeypatch.setenv("TUNEKIT_CPU_FLAGS", AVX2_ONLY)
+    cpu_flags.cache_clear()
+    yield
+    monkeypatch.undo()  # the flags come back before the cache is emptied, so the next reader sees them
+    cpu_flags.cache_clear()
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread: on small shapes it is much faster than two here, and deterministic."""

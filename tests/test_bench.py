@@ -6,8 +6,10 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from tunekit.bench.train_bench import format_markdown, main, throughput
+from tunekit.engine.device import native_bf16
 
 
 def test_throughput_leaves_out_warmup_steps():
@@ -36,7 +38,7 @@ def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_mode
     for row in saved["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_rss_bytes"] > 2**20
         assert row["eval_loss"] == row["eval_loss"]  # scored (not NaN) by the shared eval
-        assert row["speed_ratio"] > 0 and 0 < row["mfu_bf16"] < 1
+        assert row["speed_ratio"] > 0 and 0 < row[f"mfu_{saved['meta']['mfu_peak']}"] < 1
     trainer = next(r for r in saved["rows"] if r["runner"] == "trainer")
     tunekit = next(r for r in saved["rows"] if r["runner"] == "tunekit")
     assert trainer["speed_ratio"] == 1.0 and trainer["precision"] == "fp32"  # the fp32 recipe is the reference
@@ -46,6 +48,11 @@ def test_bench_runs_the_peers_and_tunekit_and_writes_json_markdown_png(tiny_mode
     assert saved["meta"]["base_eval_loss"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "x Trainer" in table and "F/token" in table
+    # bf16 is timed only where the CPU computes it natively (emulated, a 2048^3 product takes minutes)
+    native = native_bf16(torch.device("cpu"))
+    assert (saved["meta"]["peak"]["bf16"] is not None) == native
+    ref = "bf16" if native else "fp32"
+    assert saved["meta"]["mfu_peak"] == ref and f"MFU ({ref} peak)" in table
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # An interrupted or repeated call reuses the runs that finished with the same settings.
     again = main(args + ["--reuse"])
@@ -62,6 +69,18 @@ def test_markdown_table_has_a_row_per_run():
              "eval_loss": 0.5, "mfu_bf16": 0.1, "tokens_seen": 1000} for n in ("a", "b")]
     lines = format_markdown(rows, meta).splitlines()
     assert lines[2].startswith("| a |") and lines[3].startswith("| b |")
+    assert "MFU (bf16 peak)" in lines[0] and "| 10.0% |" in lines[2]
+
+
+def test_markdown_table_without_a_bf16_peak_uses_the_fp32_one_and_says_so():
+    """Where bf16 is emulated (AVX2-only CPUs) its peak is not measured: MFU against fp32, and the table says why."""
+    meta = {"peak": {"fp32": 1e11, "bf16": None}, "formula": "F", "flops_per_token": 5e8, "mean_len": 100.0,
+            "label_fraction": 0.25, "base_eval_loss": 1.0, "warmup": 2}
+    rows = [{"name": "a", "tokens_per_s": 100.0, "speed_ratio": 1.0, "peak_rss_bytes": 2**30, "memory_ratio": 1.0,
+             "eval_loss": 0.5, "mfu_fp32": 0.5, "mfu_bf16": None, "tokens_seen": 1000}]
+    table = format_markdown(rows, meta)
+    assert "MFU (fp32 peak)" in table and "| 50.0% |" in table
+    assert "bf16 not measured" in table and "no native bf16" in table
 
 
 @pytest.mark.parametrize("ablation, module, name", [("label-only", "objective", "label_only_loss_sum"),

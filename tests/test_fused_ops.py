@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tunekit.engine import fused_ops
 from tunekit.engine.compile import can_compile
 from tunekit.engine.fused_ops import KERNELS, Kernel, fuse_decoder_ops_, unfuse_decoder_ops_
+from tunekit.methods.packed_linear import available
 
 CPU = torch.device("cpu")
 needs_compiler = pytest.mark.skipif(not can_compile(CPU)[0], reason="no C++ compiler for Inductor")
@@ -161,7 +162,11 @@ def test_bf16_training_with_fused_ops_and_packed_weights_follows_the_eager_run(m
               "method.target_modules": ["q_proj", "v_proj"], "data.packing": True}
     fast = train(make_config(tmp_path / "fast", common))
     log = capsys.readouterr().out
-    assert "fused element-wise ops (Inductor" in log and "frozen linears packed for oneDNN" in log
+    assert "fused element-wise ops (Inductor" in log
+    # Packed weights where the CPU has oneDNN's bf16 instructions; elsewhere (AVX2-only) the run goes on without
+    # them and says why, and the fused kernels are still checked against the eager run.
+    packs, why = available(CPU)
+    assert ("frozen linears packed for oneDNN" if packs else f"frozen linears not packed for oneDNN: {why}") in log
     plain = train(make_config(tmp_path / "plain", {**common, "train.fused_ops": "off",
                                                      "train.packed_weights": False}))
     losses = [[m["loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in m]

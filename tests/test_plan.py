@@ -24,7 +24,11 @@ def linear_params_per_layer() -> int:
     return 2 * H * H + 2 * H * KV + 3 * H * I
 
 
-def test_lora_terms_by_hand(tiny_model_dir, vocab):
+def test_lora_terms_by_hand(tiny_model_dir, vocab, monkeypatch):
+    import tunekit.planner
+
+    # The closed form with packed weights, on any CPU (test_engine_device.py: a CPU that cannot pack plans none).
+    monkeypatch.setattr(tunekit.planner, "_packing_available", lambda: (True, ""))
     p = plan(str(tiny_model_dir), method="lora", rank=4, precision="bf16", seq_len=32, batch=2)
     r = 4
     lora = L * r * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))

@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=8, help="examples per micro-batch (train.batch_size)")
     pl.add_argument("--rank", type=int, default=16, help="LoRA rank")
     pl.add_argument("--target", default="all-linear", help="LoRA/BitFit targets: all-linear, attention, mlp")
-    pl.add_argument("--precision", default="bf16", help="bf16 or fp32")
+    pl.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto (default: what tunekit train picks here, bf16 where the CPU/GPU computes it natively), "
+                         "bf16 or fp32")
     pl.add_argument("--device", default="cpu", help="cpu or cuda")
     pl.add_argument("--label-fraction", type=float, default=0.5, help="share of tokens with a loss")
     pl.add_argument("--virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning virtual tokens")
@@ -200,6 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="runs/compare", help="folder for runs, compare.md, compare.json, compare.png")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every method, e.g. --set method.fraction=0.05 (repeatable)")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters in one batch")
+    sv.add_argument("--model", default="smollm2-135m", help="the base model (alias, folder, .gguf or hub id)")
+    sv.add_argument("--adapters", default=None, help="folder whose subfolders (run folders / PEFT adapters) are "
+                    "loaded at start, each named by its folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-keys", default=None, help="YAML/JSON key file (see docs/serving.md); also "
+                    "TUNEKIT_API_KEYS / TUNEKIT_ADMIN_KEYS. Without any, keys are generated and printed")
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else float32")
+    sv.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linears")
+    sv.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoding at once (KV-cache slots)")
+    sv.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
+    sv.add_argument("--max-batched-tokens", type=int, default=256, help="tokens per engine step (chunked prefill)")
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    sv.add_argument("--max-adapters", type=int, default=16, help="adapters held at once (LRU; pinned ones stay)")
+    sv.add_argument("--pin", action="append", default=[], help="adapter name never evicted (repeatable)")
+    sv.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    sv.add_argument("--embedding-model", default=None, help="sentence-transformers folder for /v1/embeddings "
+                    "(default: the packaged all-MiniLM-L6-v2)")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: all cores)")
+    sv.add_argument("--print-vllm", action="store_true", help="print the `vllm serve` command for the same base "
+                    "and adapters (for a GPU machine) and exit")
 
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
@@ -287,6 +314,17 @@ def main(argv: list[str] | None = None) -> int:
                                 dtype=args.dtype)
             print(format_report(report))
             print(f"student: {args.out}  (use as --model.name {args.out})")
+        elif args.command == "serve":
+            from .serve.engine import ServeOptions
+            from .serve.server import run as serve
+
+            opts = ServeOptions(model=args.model, dtype=args.dtype, quantize=args.quantize,
+                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue,
+                                max_adapters=args.max_adapters, threads=args.threads)
+            return serve(opts, args.adapters, host=args.host, port=args.port, api_keys=args.api_keys,
+                         embedding_model=args.embedding_model, print_vllm=args.print_vllm, pin=args.pin,
+                         max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
         elif args.command == "demo":
             api.demo(out=args.out, steps=args.steps, n_test=args.n_test)
         else:
@@ -303,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         from .distill.teacher import DistillError
         from .planner import PlanError
 
-        if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError)):
+        from .serve.adapters import AdapterError
+        from .serve.security import KeyFileError
+
+        if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError,
+                          AdapterError, KeyFileError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

@@ -339,13 +339,15 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use. `optim`:
     optim.name (config.OPTIMIZERS). `dropout`: the LoRA input dropout. `fused_ops`, `packed_weights`: the CPU bf16
     kernels of train.fused_ops / train.packed_weights (used where they apply: CPU, bf16, and for fused ops a model
-    type engine/fused_ops.py handles and a C++ compiler)."""
+    type engine/fused_ops.py handles and a C++ compiler, for packed weights a CPU with oneDNN's bf16 instructions).
+    `precision` auto: what `tunekit train` would pick on this machine (fp32 on a CPU without native bf16)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
-    if precision not in ("bf16", "fp32"):
-        raise PlanError(f"precision {precision!r}: choose bf16 or fp32")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise PlanError(f"precision {precision!r}: choose auto, bf16 or fp32")
     if device not in ("cpu", "cuda"):
         raise PlanError(f"device {device!r}: choose cpu or cuda")
+    precision, precision_note = _resolve_precision(precision, device)
     if optim not in OPTIMIZERS:
         raise PlanError(f"optim {optim!r}: choose one of {', '.join(OPTIMIZERS)}")
     if target not in TARGETS:
@@ -363,7 +365,7 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     tr = method_trainable(s, method, rank, target, virtual_tokens, bottleneck, freeze_layers, c, fraction,
                           max_params, select_rank)
     n_trainable = tr.adapter_params + tr.base_params
-    notes: list[str] = []
+    notes: list[str] = [precision_note] if precision_note else []
 
     # --- weights ------------------------------------------------------------------------------------------------
     embed = s.vocab * s.hidden
@@ -374,9 +376,13 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
     frozen_bytes = (frozen_linear * QLORA_BITS / 8 if method == "qlora" else frozen_linear * (c if c == 2 else 4))
     cpu_bf16 = device == "cpu" and c == 2
     if packed_weights and cpu_bf16 and method != "qlora" and frozen_linear:
-        frozen_bytes += 2 * 2 * frozen_linear  # oneDNN-packed W and W^T (methods/packed_linear.py)
-        notes.append("packed_weights: two more bf16 copies of the frozen linear weights (oneDNN layout; "
-                     "train.packed_weights false saves them, ~5% slower)")
+        packs, why = _packing_available()  # as the loop: not where this CPU lacks oneDNN's bf16 instructions
+        if packs:
+            frozen_bytes += 2 * 2 * frozen_linear  # oneDNN-packed W and W^T (methods/packed_linear.py)
+            notes.append("packed_weights: two more bf16 copies of the frozen linear weights (oneDNN layout; "
+                         "train.packed_weights false saves them, ~5% slower)")
+        else:
+            notes.append(f"packed_weights: not used here ({why}), no packed copies planned")
     fused = fused_ops and cpu_bf16 and _fused_ops_apply(s.model_type)
     head = 0 if s.tied else embed * (4 if method == "full" or c == 4 else 2)  # an untied frozen head is cast too
     weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
@@ -441,6 +447,31 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
                       trainable_params=n_trainable, total_params=s.total_params() + tr.adapter_params,
                       weights=weights, adapter=adapter, gradients=gradients, optimizer=optimizer,
                       activations=int(acts), allocator=allocator, overhead=overhead, notes=notes, malloc=malloc)
+
+
+def _resolve_precision(precision: str, device: str) -> tuple[str, str | None]:
+    """precision auto as `tunekit train` resolves it (engine/device.py: bf16 where the device computes it
+    natively), and a note when that is not bf16 or cannot be asked here."""
+    if precision != "auto":
+        return precision, None
+    import torch
+
+    from .engine.device import resolve_precision
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "bf16", "precision auto: planned as bf16 (no GPU here to ask; pass --precision fp32 for one without)"
+    resolved = resolve_precision("auto", torch.device(device))
+    why = "no native bf16 matmul on this " + ("CPU (avx512_bf16 or amx_bf16)" if device == "cpu" else "GPU")
+    return resolved, None if resolved == "bf16" else f"precision auto: {resolved} ({why})"
+
+
+def _packing_available() -> tuple[bool, str]:
+    """Whether the loop's packed frozen weights (train.packed_weights) can be used on this CPU, and if not, why."""
+    import torch
+
+    from .methods.packed_linear import available
+
+    return available(torch.device("cpu"))
 
 
 def _fused_ops_apply(model_type: str) -> bool:

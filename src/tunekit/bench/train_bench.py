@@ -9,7 +9,8 @@ and token budget. Every tool runs in its own process (so peak RSS is its own, me
 the other. tunekit runs under the malloc `tunekit train` uses (tcmalloc when installed, tunekit/allocator.py), the
 peers under the system's as their users run them; one more Trainer run under tunekit's malloc shows how much of
 the difference is the allocator (`--no-peer-malloc` leaves it out). A matmul peak is measured in the same run
-for MFU. Eval loss is computed afterwards for every adapter by one shared scorer (fp32, completion tokens of
+for MFU (bf16 only where the device computes it natively; elsewhere MFU is against the fp32 peak, and the table
+says so). Eval loss is computed afterwards for every adapter by one shared scorer (fp32, completion tokens of
 held-out examples). On CUDA the memory column is each run's torch.cuda.max_memory_allocated (RSS is kept in the
 JSON), the matmul peak is an 8192^3 product, and one more Trainer run uses bf16 autocast (`--trainer-bf16`; the
 fp32 recipe stays the reference). Writes bench.json, bench.md and bench.png into --out.
@@ -139,13 +140,28 @@ def throughput(result: dict, warmup: int) -> dict:
 
 def measure_peaks(threads: int | None, device: str = "cpu") -> dict:
     """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count), at the product size
-    engine/flops.matmul_peak_size gives the device."""
+    engine/flops.matmul_peak_size gives the device. bf16 is None (not measured) where the device has no native
+    bf16: emulated, one 2048^3 product takes minutes (Zen 3) and its rate is no peak to measure MFU against."""
+    import torch
+
+    from ..engine.device import native_bf16
+
+    bf16 = native_bf16(torch.device(device))
     code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak\n"
             f"torch.set_num_threads({threads}) if {threads!r} else None\n"
             f"print(json.dumps({{'fp32': measure_matmul_peak(torch.float32, {device!r}, seconds=3),"
-            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, seconds=3)}}))")
+            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, seconds=3) if {bf16} else None}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mfu_peak(peak: dict) -> str:
+    """Which peak the table's MFU column is against: bf16 where it was measured, else fp32."""
+    return "bf16" if peak.get("bf16") else "fp32"
+
+
+def gflops(rate: float | None) -> str:
+    return "not measured" if rate is None else f"{rate / 1e9:.0f} GFLOP/s"
 
 
 def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
@@ -162,18 +178,23 @@ def memory_label(device: str) -> str:
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
     device = meta.get("device", "cpu")
+    ref = mfu_peak(meta["peak"])
     head = (f"| run | malloc | tokens/s | x Trainer | {memory_label(device)} | x Trainer | eval loss | "
-            "MFU (bf16 peak) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+            f"MFU ({ref} peak) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r['name']} | {r.get('malloc') or '-'} | {r['tokens_per_s']:.0f} | "
                      f"{r.get('speed_ratio', float('nan')):.2f} | "
                      f"{r.get('peak_memory_bytes', r['peak_rss_bytes']) / 2**30:.2f} | "
                      f"{r.get('memory_ratio', float('nan')):.2f} | "
-                     f"{r['eval_loss']:.4f} | {100 * r['mfu_bf16']:.1f}% | {r['tokens_seen']:,} |")
+                     f"{r['eval_loss']:.4f} | {100 * r[f'mfu_{ref}']:.1f}% | {r['tokens_seen']:,} |")
     lines.append("")
-    lines.append(f"Device: {device}. Matmul peak measured in this run ({meta.get('peak_n', 2048)}^3): fp32 {meta['peak']['fp32'] / 1e9:.0f} GFLOP/s, "
-                 f"bf16 {meta['peak']['bf16'] / 1e9:.0f} GFLOP/s. {meta['formula']}; F/token here = "
+    no_bf16 = ("" if meta["peak"].get("bf16") else
+               f" (this {'GPU' if device == 'cuda' else 'CPU'} has no native bf16 matmul, it would be emulated; "
+               "MFU is against the fp32 peak)")
+    lines.append(f"Device: {device}. Matmul peak measured in this run ({meta.get('peak_n', 2048)}^3): fp32 "
+                 f"{gflops(meta['peak']['fp32'])}, bf16 {gflops(meta['peak'].get('bf16'))}{no_bf16}. "
+                 f"{meta['formula']}; F/token here = "
                  f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
                  f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
                  f"tokens/s = real (non-padding) tokens / time over steps after {meta['warmup']} warm-up steps.")
@@ -238,8 +259,8 @@ def main(argv=None) -> list[dict]:
     print(f"[bench] data: {args.n_train} examples, mean {mean_len:.0f} tokens, {100 * label_fraction:.0f}% with a "
           f"loss; {args.steps} steps x {args.batch_size} examples", flush=True)
     peak = measure_peaks(args.threads, device)
-    print(f"[bench] matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
-          flush=True)
+    print(f"[bench] matmul peak: fp32 {gflops(peak['fp32'])}, bf16 {gflops(peak['bf16'])}"
+          + ("" if peak["bf16"] else " (no native bf16 here: emulated, so not timed)"), flush=True)
     runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
     from ..allocator import wanted
 
@@ -284,8 +305,10 @@ def main(argv=None) -> list[dict]:
     ref = next((r for r in rows if r["name"] == LABELS["trainer"]), None)  # the fp32 recipe, system malloc
     for r in rows:
         r["eval_loss"] = scored["eval_loss"][r["name"]]
-        r["mfu_bf16"] = r["tokens_per_s"] * flops / peak["bf16"]
-        r["mfu_own_precision"] = r["tokens_per_s"] * flops / peak["bf16" if r["precision"] == "bf16" else "fp32"]
+        # None against a peak that was not measured (bf16 where it is emulated)
+        mfu = {k: r["tokens_per_s"] * flops / v if v else None for k, v in peak.items()}
+        r["mfu_fp32"], r["mfu_bf16"] = mfu["fp32"], mfu["bf16"]
+        r["mfu_own_precision"] = mfu["bf16" if r["precision"] == "bf16" else "fp32"]
         if ref:
             r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
             r["memory_ratio"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
@@ -294,7 +317,7 @@ def main(argv=None) -> list[dict]:
     meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
             "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
             "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed, "device": device,
-            "peak_n": matmul_peak_size(device)}
+            "peak_n": matmul_peak_size(device), "mfu_peak": mfu_peak(peak)}
     table = format_markdown(rows, meta)
     print("\n" + table + "\n", flush=True)
     (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))

@@ -1,4 +1,8 @@
-"""Pick the device and the compute precision, and measure peak memory."""
+"""Pick the device and the compute precision, read the CPU's instruction sets, and measure peak memory.
+
+TUNEKIT_CPU_FLAGS=avx2,fma (a comma list) replaces the CPU flags read from /proc/cpuinfo (see cpu_flags): tunekit
+then chooses precision, packed weights and the bf16 matmul peak as it would on that CPU.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +26,64 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+CPU_FLAGS_ENV = "TUNEKIT_CPU_FLAGS"
+
+
 @lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays."""
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's instruction-set flags, the one place tunekit reads them (every ISA decision asks these).
+
+    From the first `flags` (x86) or `Features` (Arm) line of /proc/cpuinfo; None where that file is missing
+    (macOS, Windows). `TUNEKIT_CPU_FLAGS=avx2,fma,sse4_2` (a comma list) replaces what /proc/cpuinfo says, so
+    tests and users can see what tunekit chooses on another CPU, e.g. an AVX2-only one, from an AVX-512 machine.
+    It changes tunekit's choices only, not the kernels torch or oneDNN pick for the real CPU. Cached: tests that
+    set the variable call `cpu_flags.cache_clear()`.
+    """
+    override = os.environ.get(CPU_FLAGS_ENV)
+    if override is not None:
+        return frozenset(f.strip().lower() for f in override.split(",") if f.strip())
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
     except OSError:
+        return None
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays. Elsewhere
+    (AVX2-only x86: Zen 2/3, most Intel client chips) bf16 matmuls are emulated, ~100x slower than fp32."""
+    flags = cpu_flags()
+    if flags is None:
         return sys.platform == "darwin" and torch.backends.mps.is_available()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_onednn_bf16() -> tuple[bool, str]:
+    """Whether the CPU flags allow oneDNN's bf16 weight layouts (methods/packed_linear.py), and if not, why.
+
+    PyTorch refuses them ("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+    elsewhere. Asked of cpu_flags() so that TUNEKIT_CPU_FLAGS simulates the refusal; non-x86 flags (Arm) and
+    unknown ones leave the answer to torch's own check.
+    """
+    flags = cpu_flags()
+    if flags is None or not any(f.startswith(("sse", "avx")) for f in flags):
+        return True, ""
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags:
+        return True, ""
+    source = f" ({CPU_FLAGS_ENV})" if os.environ.get(CPU_FLAGS_ENV) is not None else ""
+    return False, f"this CPU{source} has neither avx512bw+avx512vl+avx512dq nor avx_ne_convert for oneDNN's bf16 path"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (not emulated): what precision auto and the matmul peak
+    MFU is measured against follow."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 _MALLOC_TUNED = False
@@ -67,11 +120,7 @@ def keep_freed_memory(force: bool = False) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(device: torch.device, precision: str):

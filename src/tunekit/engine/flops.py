@@ -87,6 +87,15 @@ def matmul_peak_size(device: str) -> int:
     return 8192 if device.startswith("cuda") else 2048
 
 
+def peak_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the matmul peak a run's MFU is measured against: bf16 for a bf16 run where the device computes
+    bf16 natively, fp32 otherwise. An emulated bf16 product is no peak (Zen 3: 0.2 GFLOP/s against tens in fp32,
+    minutes for one 2048^3 product), and fp32 is the fastest the machine computes there."""
+    from .device import native_bf16
+
+    return torch.bfloat16 if precision == "bf16" and native_bf16(device) else torch.float32
+
+
 def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int | None = None, seconds: float = 1.0) -> float:
     """Best FLOP/s of an n^3 matmul over ~`seconds` (2·n^3 FLOPs per product; n: matmul_peak_size by default)."""
     n = n or matmul_peak_size(device)

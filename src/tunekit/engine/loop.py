@@ -25,14 +25,14 @@ from ..data import prepare_data
 from ..allocator import in_use
 from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from ..methods.lora_kernel import use_fast_lora_
-from ..methods.packed_linear import available as packing_available, pack_frozen_linears_
+from ..methods.packed_linear import pack_frozen_linears_
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .compile import compile_decoder_layers_, layers_compiled
 from .fused_ops import fuse_decoder_ops_
 from .energy import EnergyMeter
-from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token
+from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token, peak_dtype
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
 from .objective import build_objective, gold_loss_sum
@@ -170,14 +170,15 @@ def train(cfg: Config) -> TrainResult:
     # layers, which fuse and lay out on their own).
     compiled = layers_compiled(lm)
     fused_note = fuse_decoder_ops_(lm, tc.fused_ops, device, precision, compiled)
+    # On a CPU without oneDNN's bf16 instructions pack_frozen_linears_ packs nothing and logs why.
     n_packed = (pack_frozen_linears_(model) if tc.packed_weights and precision == "bf16" and not compiled
-                and packing_available(device)[0] else 0)
+                and device.type == "cpu" else 0)
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
     flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1),
                                 n_tok / max(len(data.train), 1))
-    peak = cached_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    peak = cached_matmul_peak(peak_dtype(precision, device), device)
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     packing = cfg.data.packing and method.supports_packing

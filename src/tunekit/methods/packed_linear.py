@@ -13,6 +13,9 @@ process: +5%. Cost: two more copies of the frozen linear weights (2 bytes per we
 The branch of a LoRA layer is added inside the matmul (oneDNN's binary "add" post-op works on the fp32 accumulator
 before the one rounding, like `torch.addmm`, see lora_kernel.base_plus_branch): the small adapter contribution
 survives bf16 rounding.
+
+Where the CPU lacks the instructions oneDNN's bf16 path needs (AVX2-only x86: no avx512bw/vl/dq, no avx_ne_convert),
+`available` says so and `pack_frozen_linears_` leaves the model as it is, with one log line: F.linear runs instead.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ def available(device: torch.device) -> tuple[bool, str]:
     """Whether packed bf16 weights can be used on `device`, and if not, why."""
     if device.type != "cpu":
         return False, f"not used on {device.type} (CPU only)"
+    from ..engine.device import cpu_onednn_bf16  # here: tunekit.engine imports this module
+
+    isa_ok, why = cpu_onednn_bf16()  # first: TUNEKIT_CPU_FLAGS can simulate a CPU without the instructions
+    if not isa_ok:
+        return False, why
     if not torch.backends.mkldnn.is_available():
         return False, "this torch build has no oneDNN (mkldnn)"
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
@@ -121,7 +129,13 @@ def packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def pack_frozen_linears_(model: nn.Module) -> int:
     """Give every frozen bf16 nn.Linear of `model` a packed weight and the packed forward (mutates the modules);
-    returns how many. Trained layers and fp32 ones keep nn.Linear's forward."""
+    returns how many. Trained layers and fp32 ones keep nn.Linear's forward. Where packing is not available
+    (see `available`: an AVX2-only CPU, a torch without oneDNN) it prints why and packs nothing, instead of
+    failing in oneDNN's reorder."""
+    ok, why = available(torch.device("cpu"))
+    if not ok:
+        print(f"[tunekit] frozen linears not packed for oneDNN: {why} (plain F.linear instead)", flush=True)
+        return 0
     n = 0
     for module in model.modules():
         if type(module) is not nn.Linear or module.weight.dtype != torch.bfloat16:

@@ -99,9 +99,13 @@ class ModelRunner:
         return {n: (self.layers[0][n].in_features, self.layers[0][n].out_features) for n in LINEARS}
 
     @property
+    def linear_bytes(self) -> int:
+        """Bytes of the decoder's linear weights: what one decode step reads (and what int8 shrinks)."""
+        return sum(layer[n].nbytes for layer in self.layers for n in LINEARS)
+
+    @property
     def weight_bytes(self) -> int:
-        total = self.embed.numel() * self.embed.element_size()
-        total += sum(layer[n].nbytes for layer in self.layers for n in LINEARS)
+        total = self.embed.numel() * self.embed.element_size() + self.linear_bytes
         if self.lm_head.weight.data_ptr() != self.embed.data_ptr():
             total += self.lm_head.nbytes
         return total

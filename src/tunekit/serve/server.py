@@ -1,0 +1,95 @@
+"""`tunekit serve`: build the engine, load the adapters folder, print how to connect, run uvicorn."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .adapters import AdapterError, serving_kind
+from .engine import Engine, ServeOptions
+
+
+def adapter_folders(root: str | Path) -> dict[str, Path]:
+    """{name: folder} of every adapter / run folder directly under `root` (named by folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AdapterError(f"--adapters {root}: not a folder")
+    found = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (sub / "adapter_config.json").exists() or (sub / "tunekit_method.json").exists() \
+                or (sub / "config.yaml").exists():
+            found[sub.name] = sub
+    return found
+
+
+def vllm_command(engine: Engine, host_model: str | None = None) -> tuple[str, list[str]]:
+    """The `vllm serve` line for the same base and batched adapters, and the adapters vLLM cannot take."""
+    lora = {n: a for n, a in engine.adapters.items() if a.kind == "batched"}
+    skipped = [f"{n} ({a.info.get('method', a.kind)}: merge it with `tunekit merge` and serve it as its own model)"
+               for n, a in engine.adapters.items() if a.kind != "batched"]
+    model = host_model or engine.model_name
+    args = ["vllm", "serve", model]
+    if lora:
+        max_rank = max(a.info["max_rank"] for a in lora.values())
+        supported = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max_rank)  # vLLM's allowed values
+        args += ["--enable-lora", "--max-loras", str(len(lora)), "--max-lora-rank", str(supported), "--lora-modules"]
+        args += [f"{n}={a.path}" for n, a in lora.items()]
+    args += ["--max-model-len", str(engine.max_len)]
+    return " ".join(shlex.quote(a) for a in args), skipped
+
+
+def client_snippet(url: str, model: str) -> str:
+    return (f'from openai import OpenAI\n'
+            f'client = OpenAI(base_url="{url}/v1", api_key="<your key>")\n'
+            f'reply = client.chat.completions.create(model="{model}", '
+            f'messages=[{{"role": "user", "content": "Hello"}}])\n'
+            f'print(reply.choices[0].message.content)')
+
+
+def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+        api_keys: str | None = None, embedding_model: str | None = None, print_vllm: bool = False,
+        pin: list[str] | None = None, max_body_bytes: int = 1 << 20, max_tokens: int = 2048) -> int:
+    import uvicorn
+
+    from .api import Limits, build_app
+    from .embeddings import Embedder
+    from .metrics import Metrics
+    from .security import KeyStore
+
+    keys = KeyStore.from_sources(api_keys)
+    metrics = Metrics()
+    print(f"[tunekit] loading {opts.model} ...", file=sys.stderr, flush=True)
+    engine = Engine(opts, metrics=metrics)
+    for name, path in (adapter_folders(adapters_dir) if adapters_dir else {}).items():
+        try:
+            kind = serving_kind(path)
+            engine.load_adapter(name, path, pin=name in (pin or []))
+            print(f"[tunekit] adapter {name}: {kind} ({path})", file=sys.stderr, flush=True)
+        except AdapterError as e:
+            print(f"[tunekit] skipped adapter {name}: {e}", file=sys.stderr, flush=True)
+    if print_vllm:
+        line, skipped = vllm_command(engine)
+        print(line)
+        for s in skipped:
+            print(f"# not servable by vLLM as a LoRA: {s}")
+        return 0
+    generated = None
+    if not keys.keys:
+        generated = keys.generate()
+    engine.start()
+    app = build_app(engine, keys, metrics, Embedder(embedding_model), Limits(max_body_bytes=max_body_bytes,
+                                                                              max_tokens=max_tokens))
+    url = f"http://{host}:{port}"
+    print(f"\ntunekit serve: {url}  (base {engine.model_name}, {str(engine.dtype).replace('torch.', '')}"
+          f"{', int8 weights' if opts.quantize else ''}; {len(engine.adapters)} adapter(s): "
+          f"{', '.join(engine.adapters) or 'none'})", flush=True)
+    if generated:
+        print(f"no --api-keys given: generated keys for this run only\n  user key:  {generated[0]}\n"
+              f"  admin key: {generated[1]}", flush=True)
+    print("\n" + client_snippet(url, next(iter(engine.adapters), engine.model_name)) + "\n", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        engine.stop()
+    return 0
