@@ -225,7 +225,7 @@ def test_int8_weights_stay_close_to_fp32(tiny_model_dir):
     kl = torch.nn.functional.kl_div(logits[1].log_softmax(-1), logits[0].log_softmax(-1), log_target=True,
                                     reduction="sum")
     assert 0 < kl < 1e-2
-    assert ModelRunner(hf, torch.float32, "int8").linear_bytes < 0.26 * ModelRunner(hf, torch.float32).linear_bytes
+    assert ModelRunner(hf, torch.float32, "int8").linear_bytes < 0.3 * ModelRunner(hf, torch.float32).linear_bytes
 
 
 def test_lora_kernel_alternatives_agree():
