@@ -86,7 +86,8 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
               limits: Limits | None = None) -> FastAPI:
     metrics = metrics or engine.metrics or Metrics()
     engine.metrics = engine.metrics or metrics
-    metrics.adapter_listed(engine.model_name)
+    for name in [engine.model_name, *engine.adapters]:  # listed from the start, also while idle
+        metrics.adapter_listed(name)
     embedder = embedder or Embedder()
     limits = limits or Limits()
     app = FastAPI(title="tunekit serve", version="1", description="OpenAI-compatible API of one base model and "
