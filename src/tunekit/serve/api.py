@@ -404,4 +404,36 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         return {"object": "list", "data": data, "model": embedder.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    app.openapi = lambda: openapi_with_errors(app)
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+STREAMING = ("/v1/chat/completions", "/v1/completions")
+
+
+def openapi_with_errors(app: FastAPI) -> dict:
+    """FastAPI's schema with what the routes really answer: OpenAI-shaped errors for every error status (in
+    place of FastAPI's own 422 body) and, for the generating routes, an SSE stream as a second 200 content type."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            codes = ["400", "401", "403", "404", "409", "413", "422", "429", "503"] if path != "/health" else []
+            for code in codes:
+                responses[code] = {"description": ERROR_TYPES.get(int(code), "error"), **error}
+            if path in STREAMING:
+                responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            if path == "/metrics":
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    app.openapi_schema = schema
+    return schema
