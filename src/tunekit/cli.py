@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in ("train", "distill"):
             return cmd_train(argv[1:], argv[0])
+        if argv[:2] == ["bench", "serve-quality"]:
+            from .bench.serve_quality import main as bench_serve_quality
+
+            bench_serve_quality(argv[2:])
+            return 0
         if argv[:2] == ["bench", "serve"]:
             from .bench.serve_bench import main as bench_serve
 

