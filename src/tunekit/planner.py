@@ -382,7 +382,7 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
             notes.append("packed_weights: two more bf16 copies of the frozen linear weights (oneDNN layout; "
                          "train.packed_weights false saves them, ~5% slower)")
         else:
-            notes.append(f"packed_weights: not used here ({why}), no packed copies planned")
+            notes.append(f"packed_weights: not used here, no packed copies planned: {why}")
     fused = fused_ops and cpu_bf16 and _fused_ops_apply(s.model_type)
     head = 0 if s.tied else embed * (4 if method == "full" or c == 4 else 2)  # an untied frozen head is cast too
     weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
@@ -461,7 +461,7 @@ def _resolve_precision(precision: str, device: str) -> tuple[str, str | None]:
     if device == "cuda" and not torch.cuda.is_available():
         return "bf16", "precision auto: planned as bf16 (no GPU here to ask; pass --precision fp32 for one without)"
     resolved = resolve_precision("auto", torch.device(device))
-    why = "no native bf16 matmul on this " + ("CPU (avx512_bf16 or amx_bf16)" if device == "cpu" else "GPU")
+    why = "no native bf16 matmul on this " + ("CPU: neither avx512_bf16 nor amx_bf16" if device == "cpu" else "GPU")
     return resolved, None if resolved == "bf16" else f"precision auto: {resolved} ({why})"
 
 

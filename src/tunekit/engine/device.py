@@ -55,7 +55,8 @@ def cpu_flags() -> frozenset[str] | None:
 
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays. Elsewhere
-    (AVX2-only x86: Zen 2/3, most Intel client chips) bf16 matmuls are emulated, ~100x slower than fp32."""
+    (AVX2-only x86: Zen 2/3, most Intel client chips) bf16 matmuls are emulated: 0.2 GFLOP/s on Zen 3, against
+    tens of GFLOP/s in fp32."""
     flags = cpu_flags()
     if flags is None:
         return sys.platform == "darwin" and torch.backends.mps.is_available()

@@ -193,8 +193,9 @@ def applies(device: torch.device, precision: str, model_type: str | None, compil
         return False, "used under bf16 only"
     # No instruction-set check: the kernels are element-wise fp32 math with bf16 conversions, which Inductor
     # vectorises for whatever the CPU has (AVX2 or AVX-512) without raising. Where bf16 is emulated (AVX2-only
-    # CPUs) precision auto is fp32, so they run there only when bf16 is asked for (verified with
-    # ATEN_CPU_CAPABILITY=avx2, which makes Inductor emit AVX2 code).
+    # CPUs) precision auto is fp32, so they run there only when bf16 is asked for (tests/test_fused_ops.py passes
+    # under ATEN_CPU_CAPABILITY=avx2, which makes Inductor emit AVX2 code, given a fresh TORCHINDUCTOR_CACHE_DIR:
+    # kernels cached from AVX-512 runs on the same machine gave NaNs).
     if compiled_layers:
         return False, "the decoder layers are compiled whole"
     if model_type not in MODEL_TYPES:
