@@ -229,7 +229,7 @@ def test_int8_weights_stay_close_to_fp32(tiny_model_dir):
 
 
 def test_lora_kernel_alternatives_agree():
-    from tunekit.serve.lora_batch import LoraWeights, apply_gathered, apply_padded_bmm, apply_segments_
+    from tunekit.serve.lora_batch import LoraBank, LoraWeights, apply_gathered, apply_padded_bmm, apply_segments_
 
     torch.manual_seed(0)
     x, y = torch.randn(10, 16, dtype=torch.float64), torch.randn(10, 24, dtype=torch.float64)
@@ -240,5 +240,7 @@ def test_lora_kernel_alternatives_agree():
                            torch.ones(10, dtype=torch.float64))
     weights = [LoraWeights(str(i), {(0, "q"): (a[i], b[i])}, {}) for i in range(3)]
     seg = apply_segments_(y.clone(), x, (0, "q"), [(weights[i], s, e) for i, s, e in segs])
-    for got in (seg, apply_gathered(y, x, a, b, index), apply_padded_bmm(y, x, a, b, segs)):
+    bank = LoraBank(weights, 1, {"q": ("q", None, None)}, {"q": 24}, torch.float64)
+    stacked = bank.apply_(y.clone(), x, 0, "q", bank.masks_for(index, torch.float64))
+    for got in (seg, stacked, apply_gathered(y, x, a, b, index), apply_padded_bmm(y, x, a, b, segs)):
         torch.testing.assert_close(got, ref)

@@ -141,6 +141,7 @@ class Engine:
             if victim is not None:
                 self._unload_locked(victim)
             self.adapters[name] = entry
+            self._restack_locked()
             self.budget.touch(name)
             if pin:
                 self.budget.pinned.add(name)
@@ -164,6 +165,12 @@ class Engine:
     def _unload_locked(self, name: str) -> None:
         self.adapters.pop(name)
         self.budget.remove(name)
+        self._restack_locked()
+
+    def _restack_locked(self) -> None:
+        """Give the base runner the stacked factors of the batched adapters now loaded. A step in flight keeps
+        the bank it started with (the runner reads `bank` once per forward)."""
+        self.base.runner.set_adapters([a.lora for a in self.adapters.values() if a.lora is not None])
 
     def models(self) -> list[dict]:
         return [{"id": name, "kind": a.kind, **a.info, "created": a.created, "path": a.path}
@@ -255,7 +262,7 @@ class Engine:
             return
         with self._lock:
             loras = {name: a.lora for name, a in self.adapters.items() if a.lora is not None}
-        # base tokens first, then each adapter's tokens together (one row range per adapter for lora_batch)
+        # base tokens first, then each adapter's tokens together (rows of one adapter stay adjacent)
         plan.sort(key=lambda p: (p[0].adapter is not None, p[0].adapter or ""))
         work = [Work(seq.slot, seq.computed, tokens, loras.get(seq.adapter) if lane is self.base else None,
                      seq.computed + len(tokens) >= len(seq.all_ids)) for seq, tokens in plan]

@@ -1,14 +1,20 @@
-"""Many LoRA adapters in one batch: each adapter's delta applied to its own tokens only (SGMV-style).
+"""Many LoRA adapters in one batch: each token gets its own adapter's delta, in a fixed number of matmuls.
 
-The model runner orders a step's tokens by adapter, so each adapter's tokens are one contiguous row range
-[start, end) of the activations. For every linear module and every adapter active in the step:
+The kept method (`LoraBank`, "stacked-masked"): for every fused linear (qkv, o, gate_up, down) of every layer, the
+A factors of all loaded adapters are stacked into one (C, in) matrix (C = the sum of their ranks over the modules
+the fused linear holds) and the B factors into one block-diagonal (out, C) matrix. A step then computes
 
-    y[start:end] += (x[start:end] @ A^T) @ (scale * B)^T      # x: (n, in), A: (r, in), B: (out, r)
+    y += ((x @ A_all^T) * M) @ B_all^T        # x: (N, in); M: (N, C), 1 where column c belongs to token n's adapter
 
-one pair of small matmuls per (adapter, module) on a view, no weight copied per token. Base-model tokens (no
-adapter) are simply not in any range. The alternatives, timed on SmolLM2's shapes by benchmarks/serve_lora_kernels.py
-(results in docs/serve.md): a per-token gather of A and B followed by bmm, and a bmm over adapters padded to a
-common row count. The segment form was the fastest on this CPU at every batch size measured.
+three calls per fused linear whatever the number of adapters or how the batch mixes them; base-model tokens have
+an all-zero row of M, and masked columns contribute exact zeros. No weight is copied per token. The waste is the
+columns of other adapters (C x in per token: small next to the base matmul while C stays in the hundreds).
+
+Timed against the alternatives by `tunekit bench serve` on SmolLM2's shapes (docs/serving.md): one pair of
+matmuls per adapter on its contiguous row range (`apply_segments_`, SGMV-style; 2 calls per adapter, and a bf16
+call costs ~20 us here whatever its size), a per-token gather of A and B with bmm (`apply_gathered`, vLLM's CPU
+approach: copies both factors per token), and one bmm over adapters padded to a common row count
+(`apply_padded_bmm`). The alternatives stay here for that benchmark and for the exactness test.
 """
 
 from __future__ import annotations
@@ -62,3 +68,59 @@ def apply_padded_bmm(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_
     for i, (_, start, end) in enumerate(segments):
         y[start:end] += delta[i, : end - start]
     return y
+
+
+class LoraBank:
+    """The stacked factors of every loaded batched adapter, per (layer, fused linear); rebuilt when adapters change.
+
+    `columns[name]` of a fused linear says where each HF module's output sits in it (runner.ModelRunner.columns).
+    """
+
+    def __init__(self, adapters: list[LoraWeights], n_layers: int, columns: dict, out_features: dict,
+                 dtype: torch.dtype):
+        self.names = [a.name for a in adapters]
+        self.index = {a.name: i for i, a in enumerate(adapters)}
+        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        layouts: dict[tuple, torch.Tensor] = {}  # equal column layouts share one owner tensor (one mask per step)
+        by_fused: dict[str, list] = {}
+        for name, (fused, lo, hi) in columns.items():
+            by_fused.setdefault(fused, []).append((name, lo, hi))
+        for layer in range(n_layers):
+            for fused, parts in by_fused.items():
+                a_rows, b_blocks, owners = [], [], []
+                for ai, adapter in enumerate(adapters):
+                    for name, lo, hi in parts:
+                        ab = adapter.factors.get((layer, name))
+                        if ab is None:
+                            continue
+                        a, b = ab
+                        block = b.new_zeros(out_features[fused], a.shape[0])  # (out, r): B in its module's rows
+                        block[slice(lo, hi) if lo is not None else slice(None)] = b
+                        a_rows.append(a)
+                        b_blocks.append(block)
+                        owners += [ai] * a.shape[0]
+                if not a_rows:
+                    continue
+                key = tuple(owners)
+                owner = layouts.setdefault(key, torch.tensor(owners))
+                self.stacks[(layer, fused)] = (torch.cat(a_rows).to(dtype).contiguous(),
+                                               torch.cat(b_blocks, dim=1).t().to(dtype).contiguous(), owner)
+
+    def __bool__(self) -> bool:
+        return bool(self.stacks)
+
+    def masks_for(self, token_adapter: torch.Tensor, dtype: torch.dtype) -> dict:
+        """{id(owner): (N, C) 0/1 mask} for this step; token_adapter (N,) is each token's adapter index or -1."""
+        masks = {}
+        for _, _, owner in self.stacks.values():
+            if id(owner) not in masks:
+                masks[id(owner)] = (token_adapter[:, None] == owner[None, :]).to(dtype)
+        return masks
+
+    def apply_(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str, masks: dict) -> torch.Tensor:
+        """y (N, out) += this fused linear's LoRA deltas for every token's adapter (in place)."""
+        stack = self.stacks.get((layer, fused))
+        if stack is None:
+            return y
+        a_all, b_all_t, owner = stack  # (C, in), (C, out)
+        return y.addmm_((x @ a_all.t()) * masks[id(owner)], b_all_t)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import SlotCache
-from .lora_batch import LoraWeights, apply_segments_
+from .lora_batch import LoraBank, LoraWeights
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,11 +128,17 @@ class ModelRunner:
         self.lm_head = Linear(hf_model.lm_head.weight, None, dtype, None)
         self.tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
         self.act = F.silu
+        self.bank: LoraBank | None = None  # the batched adapters' stacked factors (set_adapters)
         self.cache = SlotCache(len(self.layers), max_slots, self.n_kv, self.head_dim, dtype, self.max_len)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """{module name: (in_features, out_features)} of the decoder's linear layers (same in every layer)."""
         return dict(self.shapes)
+
+    def set_adapters(self, adapters: list[LoraWeights]) -> None:
+        """Restack the batched adapters (after a load or unload; between steps)."""
+        out = {name: self.layers[0][name].out_features for name in FUSED}
+        self.bank = LoraBank(adapters, len(self.layers), self.columns, out, self.dtype) if adapters else None
 
     @property
     def linear_bytes(self) -> int:
@@ -200,30 +206,28 @@ class ModelRunner:
         ids = torch.tensor([t for w in work for t in w.tokens])
         positions = torch.tensor([w.start + j for w in work for j in range(len(w.tokens))])
         slots = torch.tensor([w.slot for w in work for _ in w.tokens])
-        offsets, segments, n = [], [], 0
+        offsets, n = [], 0
         for w in work:
             offsets.append(n)
-            if w.lora is not None:
-                if segments and segments[-1][0] is w.lora and segments[-1][2] == n:
-                    segments[-1] = (w.lora, segments[-1][1], n + len(w.tokens))
-                else:
-                    segments.append((w.lora, n, n + len(w.tokens)))
             n += len(w.tokens)
+        bank, masks = self.bank, None
+        if bank is not None and any(w.lora is not None for w in work):
+            missing = [w.lora.name for w in work if w.lora is not None and w.lora.name not in bank.index]
+            if missing:
+                raise ValueError(f"adapter(s) {', '.join(sorted(set(missing)))} are not in the runner's bank")
+            owner = torch.tensor([bank.index[w.lora.name] if w.lora is not None else -1
+                                  for w in work for _ in w.tokens])  # (N,) adapter of each token, -1 = base
+            masks = bank.masks_for(owner, self.dtype)
         self.cache.ensure(int(positions.max()) + 1)
         x = self.embed[ids]  # (N, hidden)
         cos, sin = self.rotary(x, positions[None])  # (1, N, D) each
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, D): broadcast over heads
 
         plan = self._attention_plan(work, offsets)
-        by_fused = {}
-        for name, (fused, lo, hi) in self.columns.items():
-            by_fused.setdefault(fused, []).append((name, lo, hi))
 
         def lin(layer: dict, i: int, fused: str, h: torch.Tensor) -> torch.Tensor:
             y = layer[fused](h)
-            for name, lo, hi in by_fused[fused] if segments else ():
-                apply_segments_(y if lo is None else y[:, lo:hi], h, (i, name), segments)
-            return y
+            return bank.apply_(y, h, i, fused, masks) if masks is not None else y
 
         q_end, k_end = self.columns["k_proj"][1], self.columns["v_proj"][1]
         inter = self.columns["up_proj"][1]
