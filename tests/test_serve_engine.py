@@ -244,3 +244,22 @@ def test_lora_kernel_alternatives_agree():
     stacked = bank.apply_(y.clone(), x, 0, "q", bank.masks_for(index, torch.float64))
     for got in (seg, stacked, apply_gathered(y, x, a, b, index), apply_padded_bmm(y, x, a, b, segs)):
         torch.testing.assert_close(got, ref)
+
+
+def test_stacked_lora_in_the_serving_dtype_follows_the_float64_reference():
+    """The bf16 path (oneDNN blocked factors where the CPU has native bf16) within bf16 rounding of float64."""
+    from tunekit.serve.lora_batch import LoraBank, LoraWeights
+
+    torch.manual_seed(1)
+    x, y = torch.randn(10, 64, dtype=torch.float64), torch.randn(10, 96, dtype=torch.float64)
+    a, b = torch.randn(3, 4, 64, dtype=torch.float64) / 8, torch.randn(3, 96, 4, dtype=torch.float64) / 2
+    index = torch.tensor([0, 0, 0, 2, 1, 1, 1, -1, -1, 1])  # -1: base-model tokens, no delta
+    ref = y.clone()
+    for n, i in enumerate(index.tolist()):
+        if i >= 0:
+            ref[n] += b[i] @ (a[i] @ x[n])
+    weights = [LoraWeights(str(i), {(0, "q"): (a[i], b[i])}, {}) for i in range(3)]
+    bank = LoraBank(weights, 1, {"q": ("q", None, None)}, {"q": 96}, torch.bfloat16)
+    got = bank.apply_(y.bfloat16(), x.bfloat16(), 0, "q", bank.masks_for(index, torch.bfloat16))
+    torch.testing.assert_close(got.double(), ref, atol=0.05, rtol=0.02)
+    assert torch.equal(got[7:9].double(), y[7:9].bfloat16().double())  # base rows untouched

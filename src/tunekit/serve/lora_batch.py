@@ -81,6 +81,7 @@ class LoraBank:
         self.names = [a.name for a in adapters]
         self.index = {a.name: i for i, a in enumerate(adapters)}
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.packed = dtype == torch.bfloat16 and _packing_available()
         layouts: dict[tuple, torch.Tensor] = {}  # equal column layouts share one owner tensor (one mask per step)
         by_fused: dict[str, list] = {}
         for name, (fused, lo, hi) in columns.items():
@@ -103,8 +104,13 @@ class LoraBank:
                     continue
                 key = tuple(owners)
                 owner = layouts.setdefault(key, torch.tensor(owners))
-                self.stacks[(layer, fused)] = (torch.cat(a_rows).to(dtype).contiguous(),
-                                               torch.cat(b_blocks, dim=1).t().to(dtype).contiguous(), owner)
+                a_all = torch.cat(a_rows).to(dtype).contiguous()  # (C, in)
+                b_all = torch.cat(b_blocks, dim=1).to(dtype).contiguous()  # (out, C)
+                if self.packed:  # oneDNN's blocked layout: 25-35% less per small bf16 call than mm / addmm_ here
+                    reorder = torch.ops.mkldnn._reorder_linear_weight
+                    self.stacks[(layer, fused)] = (reorder(a_all), reorder(b_all), owner)
+                else:
+                    self.stacks[(layer, fused)] = (a_all, b_all.t().contiguous(), owner)
 
     def __bool__(self) -> bool:
         return bool(self.stacks)
@@ -118,9 +124,21 @@ class LoraBank:
         return masks
 
     def apply_(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str, masks: dict) -> torch.Tensor:
-        """y (N, out) += this fused linear's LoRA deltas for every token's adapter (in place)."""
+        """y (N, out) + this fused linear's LoRA deltas for every token's adapter (in place on the unpacked path;
+        use the returned tensor)."""
         stack = self.stacks.get((layer, fused))
         if stack is None:
             return y
+        if self.packed:  # A (C, in) and B (out, C) blocked: y + ((x A^T) * M) B^T in two oneDNN calls
+            linear = torch.ops.mkldnn._linear_pointwise
+            a_all, b_all, owner = stack
+            mid = linear(x, a_all, None, "none", [], "") * masks[id(owner)]
+            return linear.binary(mid, y, b_all, None, "add")
         a_all, b_all_t, owner = stack  # (C, in), (C, out)
         return y.addmm_((x @ a_all.t()) * masks[id(owner)], b_all_t)
+
+
+def _packing_available() -> bool:
+    from ..methods.packed_linear import available
+
+    return available(torch.device("cpu"))[0]
