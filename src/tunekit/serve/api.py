@@ -398,7 +398,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
             raise ApiError(400, f"input: at most {limits.max_embedding_inputs} strings per request", "input")
         if body.dimensions is not None:
             raise ApiError(400, "dimensions: this model has a fixed size; leave it out", "dimensions")
-        vectors, tokens = await run_in_threadpool(embedder.encode, texts)
+        vectors, tokens = await asyncio.wrap_future(engine.call(embedder.encode, texts))
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": embedder.name,

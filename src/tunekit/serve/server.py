@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .adapters import AdapterError, serving_kind
@@ -77,7 +79,6 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     generated = None
     if not keys.keys:
         generated = keys.generate()
-    engine.start()
     app = build_app(engine, keys, metrics, Embedder(embedding_model), Limits(max_body_bytes=max_body_bytes,
                                                                               max_tokens=max_tokens))
     url = f"http://{host}:{port}"
@@ -88,8 +89,21 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
         print(f"no --api-keys given: generated keys for this run only\n  user key:  {generated[0]}\n"
               f"  admin key: {generated[1]}", flush=True)
     print("\n" + client_snippet(url, next(iter(engine.adapters), engine.model_name)) + "\n", flush=True)
+    # HTTP in a thread, the engine on this one (the thread that loaded the model: see Engine.run). Ctrl-C asks
+    # uvicorn to stop accepting and finish in-flight requests (30 s at most); the engine serves them until then.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=30))
+    http = threading.Thread(target=server.run, name="tunekit-http", daemon=True)
+
+    def on_signal(signum, frame):
+        print("[tunekit] shutting down: finishing in-flight requests", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    http.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        engine.run(until=lambda: not http.is_alive())
     finally:
-        engine.stop()
-    return 0
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if server.started else 1
