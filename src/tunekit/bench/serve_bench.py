@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..engine.energy import EnergyMeter
+
 ADAPTERS = ("inv-a", "inv-b", "inv-c", "inv-d")
 KEY = "sk-bench"
 
@@ -162,7 +164,10 @@ def server_rows(label: str, cmd: list[str], env: dict, port: int, levels: list[i
         asyncio.run(drive(url, prompts(4), 4, 8, key))  # warm-up
         out = {}
         for c in levels:
+            meter = EnergyMeter(True, "FRA", tracking_mode="machine", measure_power_secs=1)
+            meter.start()
             out[c] = asyncio.run(drive(url, prompts(max(4, 2 * c)), c, max_tokens, key))
+            out[c]["energy"] = energy_per_1k(meter.stop(), out[c]["tokens"], meter.reason)
             print(f"  {label} c={c}: {out[c]['tokens_per_s']:.1f} tokens/s", flush=True)
         out["peak_rss_gib"] = tree_peak_rss_gib(proc.pid)
         return out
@@ -172,6 +177,13 @@ def server_rows(label: str, cmd: list[str], env: dict, port: int, levels: list[i
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def energy_per_1k(report, tokens: int, reason: str) -> dict:
+    """Wh per 1,000 generated tokens from a machine-wide codecarbon reading (labelled as codecarbon labels it)."""
+    if report is None or tokens == 0:
+        return {"wh_per_1k_tokens": None, "source": reason or "not measured"}
+    return {"wh_per_1k_tokens": report.kwh * 1000 / tokens * 1000, "source": report.source}
 
 
 def tunekit_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, quantize: str | None) -> dict:
@@ -231,6 +243,8 @@ def peft_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, n:
             return scores
 
     service, firsts, gaps, tokens = [], [], [], 0
+    meter = EnergyMeter(True, "FRA", tracking_mode="machine", measure_power_secs=1)
+    meter.start()
     for i, conv in enumerate(prompts(n)):
         pm.set_adapter(ADAPTERS[i % 4])
         ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -244,6 +258,7 @@ def peft_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, n:
         gaps += [b - a for a, b in zip(clock.times, clock.times[1:])]
         tokens += out.shape[1] - ids["input_ids"].shape[1]
     rate = tokens / sum(service)
+    energy = energy_per_1k(meter.stop(), tokens, meter.reason)
     rows = {}
     for c in levels:  # c clients, closed loop, FIFO: 2c requests served one at a time, the measured service and
         # first-token times cycled; request k of a wave of c waits for the k-1 served before it
@@ -254,7 +269,7 @@ def peft_rows(model: str, adapters: Path, levels: list[int], max_tokens: int, n:
         ttft = [w + f for w, f in zip(waits, first)]
         rows[c] = {"tokens_per_s": rate, "ttft_p50": percentile(ttft, .5), "ttft_p95": percentile(ttft, .95),
                    "itl_p50": percentile(gaps, .5), "itl_p95": percentile(gaps, .95), "tokens": tokens,
-                   "requests_measured": len(service)}
+                   "requests_measured": len(service), "energy": energy}
         print(f"  peft sequential c={c}: {rate:.1f} tokens/s", flush=True)
     rows["peak_rss_gib"] = peak_memory_bytes(torch.device("cpu")) / 2**30
     return rows
@@ -292,14 +307,19 @@ def lora_kernels(tokens=(1, 16, 64), adapters: int = 4, r: int = 16) -> list[dic
     return rows
 
 
+def _wh(row: dict) -> str:
+    e = row.get("energy") or {}
+    return f"{e['wh_per_1k_tokens']:.2f}" if e.get("wh_per_1k_tokens") is not None else "-"
+
+
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-serve.json").write_text(json.dumps(result, indent=2))
     levels = result["concurrency"]
     lines = [f"Serving benchmark, {result['cpu']} ({result['isa']}), {result['threads']} threads, {result['date']}; "
              f"SmolLM2-135M, 4 LoRA adapters r=16 (all linear), greedy, max_tokens {result['max_tokens']}.", "",
-             "| server | clients | tokens/s | vs peft | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| server | clients | tokens/s | vs peft | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | peak RSS GiB | "
+             "Wh / 1k tokens (est.) |", "|---|---|---|---|---|---|---|---|"]
     for name, rows in result["rows"].items():
         for c in levels:
             r = rows[str(c)] if str(c) in rows else rows[c]
@@ -307,7 +327,7 @@ def write(result: dict, out: Path) -> None:
             ref = (base[str(c)] if str(c) in base else base[c])["tokens_per_s"]
             lines.append(f"| {name} | {c} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f}x | "
                          f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50'] * 1e3:.0f} / "
-                         f"{r['itl_p95'] * 1e3:.0f} | {rows['peak_rss_gib']:.2f} |")
+                         f"{r['itl_p95'] * 1e3:.0f} | {rows['peak_rss_gib']:.2f} | {_wh(r)} |")
     lines += ["", f"Memory bandwidth (copy): {result['bandwidth_gbs']:.1f} GB/s. Weight bytes per decode step: "
               + ", ".join(f"{k} {v / 2**20:.0f} MiB (bound at 1 sequence: {result['bandwidth_gbs'] * 1e9 / v:.0f} "
                           f"tokens/s)" for k, v in result["weight_bytes"].items()), "",
@@ -317,7 +337,11 @@ def write(result: dict, out: Path) -> None:
     for r in result["lora_kernels"]:
         lines.append(f"| {r['tokens']} | {r['shape']} | {r['stacked-masked (kept)']:.0f} | {r['segments']:.0f} | "
                      f"{r['per-token gather + bmm']:.0f} | {r['padded stacked bmm']:.0f} |")
-    lines += ["", f"vLLM CPU: {result['vllm']}"]
+    sources = {(r.get(c) or {}).get("energy", {}).get("source") for r in result["rows"].values() for c in levels
+               if isinstance(r.get(c), dict)}
+    lines += ["", f"vLLM CPU: {result['vllm']}", "llama.cpp: not run (no merged-GGUF export yet: the export issue)",
+              "Energy: codecarbon, machine-wide (server + load generator), "
+              + "; ".join(sorted(s for s in sources if s)) + "."]
     (out / "bench-serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

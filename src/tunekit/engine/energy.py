@@ -30,8 +30,10 @@ class EnergyReport:
 class EnergyMeter:
     """start() ... stop() -> EnergyReport | None. Never fails a run: problems give None and a reason."""
 
-    def __init__(self, enabled: bool, country: str):
+    def __init__(self, enabled: bool, country: str, tracking_mode: str = "process", measure_power_secs: float = 10):
+        # tracking_mode "machine": the whole machine's load (a server in another process plus its clients)
         self.enabled, self.country = enabled, country
+        self.tracking_mode, self.measure_power_secs = tracking_mode, measure_power_secs
         self.tracker = None
         self.reason = "disabled (train.energy false)" if not enabled else ""
 
@@ -47,7 +49,8 @@ class EnergyMeter:
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             self.tracker = OfflineEmissionsTracker(country_iso_code=self.country, save_to_file=False,
-                                                   log_level="error", tracking_mode="process", measure_power_secs=10)
+                                                   log_level="error", tracking_mode=self.tracking_mode,
+                                                   measure_power_secs=self.measure_power_secs)
             self.tracker.start()
         except Exception as e:  # codecarbon probes hardware; a probe failing must not stop training
             self.tracker, self.reason = None, f"not measured: codecarbon failed to start ({e})"

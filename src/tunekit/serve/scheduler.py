@@ -62,5 +62,3 @@ class Scheduler:
             self.cache.release_slot(seq.slot)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if not self.running:
-            self.cache.shrink_if_idle()
