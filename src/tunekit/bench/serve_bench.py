@@ -363,7 +363,8 @@ def write(result: dict, out: Path) -> None:
         ax[1].set(xlabel="concurrent clients", ylabel="p95 time to first token (s)", xscale="log", yscale="log",
                   title="latency")
         ax[0].legend()
-        fig.suptitle(f"tunekit serve vs sequential peft, {result['cpu']}", fontsize=9)
+        fig.suptitle(f"tunekit serve vs vLLM CPU and sequential peft, {result['cpu']} ({result['isa']}), "
+                     f"{result['threads']} threads", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "bench-serve.png", dpi=110)
     except ImportError:
