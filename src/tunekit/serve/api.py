@@ -53,6 +53,14 @@ def _error_response(status: int, message: str, param=None, code=None, headers=No
                         headers=headers)
 
 
+def sse_chunker(rid: str, obj: str, created: int, model: str):
+    """chunk(choices, **extra) -> one SSE `data:` line of an OpenAI stream object."""
+    def chunk(choices, **extra) -> str:
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                      "choices": choices, **extra}) + "\n\n"
+    return chunk
+
+
 class BodyLimit:
     """ASGI middleware: 413 for bodies over the limit, by Content-Length or while reading a chunked body."""
 
@@ -262,6 +270,18 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                 if s.finish_reason is None:
                     engine.abort(s)
 
+    async def collect(request: Request, seqs, queue) -> tuple[list[str], list[list[dict]], list[str | None]]:
+        """(text, logprob entries, finish reason) per sequence of a non-streaming request; a reason stays None when
+        the client went away."""
+        texts, lps, reasons = [""] * len(seqs), [[] for _ in seqs], [None] * len(seqs)
+        async for i, ev in events(request, seqs, queue):
+            if ev.finish_reason in ("error", "abort"):
+                raise ApiError(500 if ev.finish_reason == "error" else 499, ev.error or "aborted")
+            texts[i] += ev.text
+            lps[i] += ev.logprobs
+            reasons[i] = ev.finish_reason or reasons[i]
+        return texts, lps, reasons
+
     def grammar_for(body: ChatRequest) -> str | None:
         if not body.response_format:
             return None
@@ -291,10 +311,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def stream():
-                def chunk(choices, **extra):
-                    return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                                  "model": body.model, "choices": choices, **extra}) + "\n\n"
-
+                chunk = sse_chunker(rid, "chat.completion.chunk", created, body.model)
                 for i in range(body.n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
@@ -314,13 +331,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, lps, reasons = [""] * body.n, [[] for _ in seqs], [None] * body.n
-        async for i, ev in events(request, seqs, queue):
-            if ev.finish_reason in ("error", "abort"):
-                raise ApiError(500 if ev.finish_reason == "error" else 499, ev.error or "aborted")
-            texts[i] += ev.text
-            lps[i] += ev.logprobs
-            reasons[i] = ev.finish_reason or reasons[i]
+        texts, lps, reasons = await collect(request, seqs, queue)
         if any(r is None for r in reasons):
             return Response(status_code=499)  # the client went away; nobody reads this
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -349,10 +360,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def stream():
-                def chunk(choices, **extra):
-                    return "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                                  "model": body.model, "choices": choices, **extra}) + "\n\n"
-
+                chunk = sse_chunker(rid, "text_completion", created, body.model)
                 async for i, ev in events(request, seqs, queue):
                     if ev.finish_reason in ("error", "abort"):
                         yield "data: " + json.dumps(error_body(ev.error or "request aborted", "server_error")) + "\n\n"
@@ -366,13 +374,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        out, lps, reasons = [""] * len(seqs), [[] for _ in seqs], [None] * len(seqs)
-        async for i, ev in events(request, seqs, queue):
-            if ev.finish_reason in ("error", "abort"):
-                raise ApiError(500 if ev.finish_reason == "error" else 499, ev.error or "aborted")
-            out[i] += ev.text
-            lps[i] += ev.logprobs
-            reasons[i] = ev.finish_reason or reasons[i]
+        out, lps, reasons = await collect(request, seqs, queue)
         if any(r is None for r in reasons):
             return Response(status_code=499)
         choices = [{"index": i, "text": prefix[i] + out[i], "finish_reason": reasons[i],
