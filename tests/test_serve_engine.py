@@ -263,3 +263,17 @@ def test_stacked_lora_in_the_serving_dtype_follows_the_float64_reference():
     got = bank.apply_(y.bfloat16(), x.bfloat16(), 0, "q", bank.masks_for(index, torch.bfloat16))
     torch.testing.assert_close(got.double(), ref, atol=0.05, rtol=0.02)
     assert torch.equal(got[7:9].double(), y[7:9].bfloat16().double())  # base rows untouched
+
+
+def test_schema_grammar_accepts_json_dumps_layout_token_for_token(engine):
+    """Constrained output is laid out as json.dumps writes it (what fine-tuning data teaches), not compact."""
+    from llguidance import LLMatcher
+
+    schema = {"type": "object", "properties": {"vendor": {"type": "string"}, "total": {"type": "number"},
+                                               "due": {"type": ["string", "null"]}},
+              "required": ["vendor", "total", "due"], "additionalProperties": False}
+    grammar = engine.grammars.grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    text = json.dumps({"vendor": "ACME GmbH", "total": 12.5, "due": None})
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    matcher = LLMatcher(engine.grammars.ll_tokenizer, grammar, log_level=0)
+    assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ INVOICE_SCHEMA = {
 def generate_all(engine, convs, adapter, grammar, max_tokens=128) -> tuple[list[str], int, float]:
     from ..serve.sampling import SamplingParams
 
-    done, texts, tokens = threading.Semaphore(0), [None] * len(convs), [0]
+    texts, tokens = [None] * len(convs), [0]
 
     def sink(i):
         parts = []
@@ -42,15 +41,14 @@ def generate_all(engine, convs, adapter, grammar, max_tokens=128) -> tuple[list[
             tokens[0] += len(e.token_ids)
             if e.finish_reason:
                 texts[i] = "".join(parts)
-                done.release()
         return on_event
 
     t = time.perf_counter()
     for i, conv in enumerate(convs):
         engine.submit(engine.encode_chat(conv), SamplingParams(max_tokens=max_tokens), adapter=adapter,
                       on_event=sink(i), grammar=grammar)
-    for _ in convs:
-        done.acquire()
+    # the loop on this thread (the one that loaded the model: see Engine.run), until every request finished
+    engine.run(until=lambda: all(x is not None for x in texts))
     return texts, tokens[0], time.perf_counter() - t
 
 
@@ -101,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.load_adapter("adapter", args.adapter)
         grammar = engine.grammars.grammar({"type": "json_schema", "json_schema": {"name": "invoice",
                                                                                   "schema": INVOICE_SCHEMA}})
-        engine.start()
-        try:
+        try:  # the engine is driven from this thread (generate_all), never concurrently with the runner calls
             for adapter in ([None, "adapter"] if args.adapter else [None]):
                 lp = teacher_forced_logprobs(engine, records[: args.kl_n], adapter)
                 if dtype == "float32":
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "ms_per_token": wall / max(tokens, 1) * 1e3, "kl_to_fp32": kl})
                     print(f"  {rows[-1]}", flush=True)
         finally:
-            engine.stop()
+            del engine
     result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16", "n": args.n,
               "adapter": args.adapter, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     out = Path(args.out)
