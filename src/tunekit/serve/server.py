@@ -8,8 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from .adapters import AdapterError, serving_kind
-from .engine import Engine, ServeOptions
+from .engine import Engine, ServeOptions, serving_dtype
 
 
 def adapter_folders(root: str | Path) -> dict[str, Path]:
@@ -60,6 +62,10 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     from .security import KeyStore
 
     keys = KeyStore.from_sources(api_keys)
+    if opts.quantize == "int8" and serving_dtype(opts.dtype) != torch.bfloat16:
+        print("[tunekit] warning: --quantize int8 with float32 activations (this CPU has no native bf16, or --dtype "
+              "float32): torch's int8 weight kernel is 4-40x slower than float32 linears there (measured on SmolLM2's "
+              "shapes, docs/serving.md); it saves memory, not time", file=sys.stderr, flush=True)
     metrics = Metrics()
     print(f"[tunekit] loading {opts.model} ...", file=sys.stderr, flush=True)
     engine = Engine(opts, metrics=metrics)
