@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def isa_label() -> str:
+    """What the CPU computes natively, for the tables' headers."""
+    from ..engine.device import cpu_has_bf16
+
+    return "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)"
 
 
 def make_adapters(model: str, root: Path) -> Path:
@@ -372,7 +378,6 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..engine.device import cpu_has_bf16
     from ..models import cache_dir
     from ..serve.engine import serving_dtype
     from ..serve.runner import ModelRunner
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     order = ["tunekit serve", "tunekit serve --quantize int8", "vLLM CPU 0.32.0", "peft sequential"]
     merged = {**kept, **rows}
     rows = {name: merged[name] for name in order if name in merged}
-    result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)",
+    result = {"cpu": cpu_name(), "isa": isa_label(),
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
               "concurrency": args.concurrency, "rows": rows, "lora_kernels": kernels,
               "bandwidth_gbs": memory_bandwidth_gbs(), "weight_bytes": weight_bytes,

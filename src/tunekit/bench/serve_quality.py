@@ -74,9 +74,8 @@ def teacher_forced_logprobs(engine, records, adapter) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> dict:
     from ..demo.invoices import write_demo_dataset
     from ..demo.scoring import score_predictions
-    from ..engine.device import cpu_has_bf16
     from ..serve.engine import Engine, ServeOptions
-    from .serve_bench import cpu_name
+    from .serve_bench import cpu_name, isa_label
 
     p = argparse.ArgumentParser(prog="tunekit bench serve-quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"  {rows[-1]}", flush=True)
         finally:
             del engine
-    result = {"cpu": cpu_name(), "isa": "avx512_bf16" if cpu_has_bf16() else "no native bf16", "n": args.n,
+    result = {"cpu": cpu_name(), "isa": isa_label(), "n": args.n,
               "adapter": args.adapter, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

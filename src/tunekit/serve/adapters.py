@@ -29,14 +29,6 @@ class AdapterError(ValueError):
     """An adapter folder cannot be served; the message names the folder and the reason."""
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """peft's per-module override: a key matches the module name or its dotted suffix (as peft's get_pattern_key)."""
-    for key, value in patterns.items():
-        if key == module or re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def trained_base(path: Path) -> str | None:
     """The model a run folder / adapter was trained on, as it recorded it."""
     run_config = path / "config.yaml"
@@ -99,6 +91,7 @@ def serving_kind(path: Path) -> str:
 def read_lora(name: str, path: Path, shapes: dict[str, tuple[int, int]], n_layers: int,
               dtype: torch.dtype) -> LoraWeights:
     """The factors of a PEFT LoRA folder, scale folded into B, checked against the base's module shapes."""
+    from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -128,7 +121,8 @@ def read_lora(name: str, path: Path, shapes: dict[str, tuple[int, int]], n_layer
                                f"({in_f} -> {out_f}): this adapter was trained on another base model")
         r = a.shape[0]
         full_name = f"model.layers.{layer}.{'self_attn' if module in LINEARS[:4] else 'mlp'}.{module}"
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full_name, cfg.get("lora_alpha", r))
+        alpha_pattern = cfg.get("alpha_pattern") or {}  # peft's own per-module lookup, as its LoRA layers do
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), full_name), cfg.get("lora_alpha", r))
         scale = alpha / (r ** 0.5 if rslora else r)
         factors[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
         ranks.add(r)

@@ -220,18 +220,19 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         return SamplingParams(max_tokens=max(1, wanted), temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=seed, stop=body.stops(), logprobs=logprobs)
 
-    def check_common(body, key: ApiKey, prompt_len: int) -> None:
-        check_model(key, body.model)
+    def check_common(body, prompt_lens: list[int]) -> None:
+        """The limits every generating route applies (after check_model)."""
         if body.n > limits.max_n:
             raise ApiError(400, f"n {body.n} exceeds this server's limit of {limits.max_n}", "n", "n_too_large")
         if len(body.stops()) > 4:
             raise ApiError(400, "at most 4 stop sequences", "stop", "too_many_stops")
         cap = limits.max_prompt_tokens or engine.max_len - 1
-        if prompt_len > cap:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens; the limit is {cap}", "messages"
+        too_long = next((n for n in prompt_lens if n > cap), None)
+        if too_long is not None:
+            raise ApiError(400, f"the prompt has {too_long} tokens; the limit is {cap}", "messages"
                            if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
 
-    async def submit_all(request: Request, prompts: list[list[int]], params: list[SamplingParams], adapter: str,
+    async def submit_all(prompts: list[list[int]], params: list[SamplingParams], adapter: str,
                          grammar: str | None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -241,9 +242,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                 def on_event(event, i=i):
                     loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
-                seq = engine.submit(ids, p, adapter=adapter, on_event=on_event, grammar=grammar)
-                metrics.submitted(seq, adapter)
-                seqs.append(seq)
+                seqs.append(engine.submit(ids, p, adapter=adapter, on_event=on_event, grammar=grammar))
         except RequestError as e:
             for s in seqs:
                 engine.abort(s)
@@ -299,12 +298,12 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
             prompt = engine.encode_chat(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects this conversation is the caller's error
             raise ApiError(400, f"messages: the chat template rejected them ({e})", "messages") from None
-        check_common(body, key, len(prompt))
+        check_common(body, [len(prompt)])
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = [sampling(body, max_tokens, top, len(prompt), i) for i in range(body.n)]
         grammar = grammar_for(body)
-        seqs, queue = await submit_all(request, [prompt] * body.n, params, body.model, grammar)
+        seqs, queue = await submit_all([prompt] * body.n, params, body.model, grammar)
         rid, created = new_id("chatcmpl"), now()
         tok = engine.tokenizer
         if body.stream:
@@ -347,12 +346,11 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         if not texts or any(not t for t in texts):
             raise ApiError(400, "prompt: give a non-empty string or list of strings", "prompt", "empty_prompt")
         prompts = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        for p in prompts:
-            check_common(body, key, len(p))
+        check_common(body, [len(p) for p in prompts])
         flat = [(j, p) for j, p in enumerate(prompts) for _ in range(body.n)]
         params = [sampling(body, body.max_tokens or 16, body.logprobs, len(p), k % body.n)
                   for k, (_, p) in enumerate(flat)]
-        seqs, queue = await submit_all(request, [p for _, p in flat], params, body.model, None)
+        seqs, queue = await submit_all([p for _, p in flat], params, body.model, None)
         rid, created = new_id("cmpl"), now()
         tok = engine.tokenizer
         prefix = [texts[j] if body.echo else "" for j, _ in flat]

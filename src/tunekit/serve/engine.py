@@ -14,7 +14,6 @@ Requests are submitted from any thread (the HTTP server's event loop); the engin
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import sys
 import threading
 import time
@@ -74,8 +73,8 @@ class Adapter:
 
 
 class Lane:
-    def __init__(self, name: str, runner: ModelRunner, opts: ServeOptions):
-        self.name, self.runner = name, runner
+    def __init__(self, runner: ModelRunner, opts: ServeOptions):
+        self.runner = runner
         self.scheduler = Scheduler(runner.cache, opts.max_batched_tokens, opts.max_queue)
 
 
@@ -96,7 +95,7 @@ class Engine:
         self.tokenizer = load_tokenizer(opts.model)
         hf = load_model(opts.model, dtype="float32").eval()
         self.model_name = opts.model
-        self.base = Lane("base", self._runner(hf, opts.max_num_seqs), opts)
+        self.base = Lane(self._runner(hf, opts.max_num_seqs), opts)
         del hf
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.base.runner.vocab_size, self.stop_ids)
@@ -136,8 +135,7 @@ class Engine:
             from ..inference import load_for_inference
 
             merged, _ = load_for_inference(self.model_name, str(path), device="cpu", dtype="float32", merge=True)
-            entry = Adapter(name, str(path), kind, lane=Lane(name, self._runner(merged, self.opts.merged_slots),
-                                                               self.opts),
+            entry = Adapter(name, str(path), kind, lane=Lane(self._runner(merged, self.opts.merged_slots), self.opts),
                             info={"method": _method_name(path)})
             del merged
         with self._lock:
@@ -179,10 +177,6 @@ class Engine:
         the bank it started with (the runner reads `bank` once per forward)."""
         self.base.runner.set_adapters([a.lora for a in self.adapters.values() if a.lora is not None])
 
-    def models(self) -> list[dict]:
-        return [{"id": name, "kind": a.kind, **a.info, "created": a.created, "path": a.path}
-                for name, a in self.adapters.items()]
-
     # ---- requests -------------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -212,6 +206,8 @@ class Engine:
                        matcher=self.grammars.matcher(grammar) if grammar else None)
         if len(lane.scheduler.waiting) + sum(1 for k, *_ in list(self._inbox) if k == "add") >= self.opts.max_queue:
             raise RequestError("the request queue is full; retry shortly", None, 503, "queue_full")
+        if self.metrics:  # before the engine thread can see it: its first token is timed from here
+            self.metrics.submitted(seq, adapter or self.model_name)
         self._inbox.append(("add", seq, lane))
         self._wake.set()
         return seq
@@ -272,9 +268,6 @@ class Engine:
         with self._lock:
             return [self.base] + [a.lane for a in self.adapters.values() if a.kind == "merged"]
 
-    def pending(self) -> int:
-        return len(self._inbox) + sum(len(lane.scheduler) for lane in self.lanes())
-
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, seq, lane = self._inbox.popleft()
@@ -296,8 +289,6 @@ class Engine:
             return
         with self._lock:
             loras = {name: a.lora for name, a in self.adapters.items() if a.lora is not None}
-        # base tokens first, then each adapter's tokens together (rows of one adapter stay adjacent)
-        plan.sort(key=lambda p: (p[0].adapter is not None, p[0].adapter or ""))
         work = [Work(seq.slot, seq.computed, tokens, loras.get(seq.adapter) if lane is self.base else None,
                      seq.computed + len(tokens) >= len(seq.all_ids)) for seq, tokens in plan]
         t0 = time.perf_counter()
@@ -309,7 +300,7 @@ class Engine:
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}", lanes=[lane])
             return
         if self.metrics:
-            self.metrics.step(time.perf_counter() - t0, sum(len(w.tokens) for w in work), len(plan))
+            self.metrics.step(time.perf_counter() - t0)
         row = 0
         sampled = []
         for (seq, tokens), w in zip(plan, work):
@@ -326,10 +317,7 @@ class Engine:
             if seq.matcher is not None:
                 logits[i].masked_fill_(~allowed_mask(seq.matcher, logits.shape[1]), float("-inf"))
         tokens = sample_next(logits, [s.params for s, _ in rows], [s.generator for s, _ in rows])
-        now = time.monotonic()
-        for i, ((seq, raw), token) in enumerate(zip(rows, tokens)):
-            if seq.first_token_time is None:
-                seq.first_token_time = now
+        for (seq, raw), token in zip(rows, tokens):
             stop = token in self.stop_ids or token in seq.params.stop_token_ids
             if stop and not seq.params.ignore_eos:
                 self._report(seq, [], [], "stop", lane)
@@ -382,7 +370,3 @@ def _method_name(path: Path) -> str:
         return method_for_folder(path).name
     except Exception:  # noqa: BLE001 - a PEFT folder tunekit does not train (e.g. DoRA written by peft)
         return "peft"
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -10,6 +10,8 @@ initial size when the engine goes idle, so memory returns to the idle level afte
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -18,7 +20,7 @@ class SlotCache:
                  max_len: int, initial: int = 256):
         self.layers, self.slots, self.kv_heads, self.head_dim = layers, slots, kv_heads, head_dim
         self.dtype, self.max_len, self.initial = dtype, max_len, min(initial, max_len)
-        self.free = list(range(slots))  # lowest first: keeps the used range [0, max slot] dense
+        self.free = list(range(slots))  # a heap, lowest first: keeps the used range [0, max slot] dense
         self._alloc(self.initial)
 
     def _alloc(self, capacity: int) -> None:
@@ -35,13 +37,10 @@ class SlotCache:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.k[0].element_size()
 
     def take_slot(self) -> int | None:
-        if not self.free:
-            return None
-        self.free.sort()
-        return self.free.pop(0)
+        return heapq.heappop(self.free) if self.free else None
 
     def release_slot(self, slot: int) -> None:
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
     def ensure(self, length: int) -> None:
         """Make room for positions [0, length) in every slot (copies the cache when it grows)."""

@@ -78,10 +78,9 @@ class LoraBank:
 
     def __init__(self, adapters: list[LoraWeights], n_layers: int, columns: dict, out_features: dict,
                  dtype: torch.dtype):
-        self.names = [a.name for a in adapters]
         self.index = {a.name: i for i, a in enumerate(adapters)}
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.packed = dtype == torch.bfloat16 and _packing_available()
+        self.packed = dtype == torch.bfloat16 and packing_available()
         layouts: dict[tuple, torch.Tensor] = {}  # equal column layouts share one owner tensor (one mask per step)
         by_fused: dict[str, list] = {}
         for name, (fused, lo, hi) in columns.items():
@@ -112,9 +111,6 @@ class LoraBank:
                 else:
                     self.stacks[(layer, fused)] = (a_all, b_all.t().contiguous(), owner)
 
-    def __bool__(self) -> bool:
-        return bool(self.stacks)
-
     def masks_for(self, token_adapter: torch.Tensor, dtype: torch.dtype) -> dict:
         """{id(owner): (N, C) 0/1 mask} for this step; token_adapter (N,) is each token's adapter index or -1."""
         masks = {}
@@ -138,7 +134,8 @@ class LoraBank:
         return y.addmm_((x @ a_all.t()) * masks[id(owner)], b_all_t)
 
 
-def _packing_available() -> bool:
+def packing_available() -> bool:
+    """Whether bf16 weights can be kept in oneDNN's blocked layout on this CPU (methods/packed_linear's check)."""
     from ..methods.packed_linear import available
 
     return available(torch.device("cpu"))[0]

@@ -39,7 +39,7 @@ class Metrics:
         seq.model_label = model
         self.prompt_tokens.labels(model).inc(len(seq.prompt_ids))
 
-    def step(self, seconds: float, tokens: int, sequences: int) -> None:
+    def step(self, seconds: float) -> None:
         self.step_seconds.observe(seconds)
 
     def token(self, seq) -> None:

@@ -1,8 +1,8 @@
 """The model runner: one forward over a step's tokens from many sequences, each with its own KV-cache slot.
 
 A step is a list of `Work` items (a sequence and the tokens of it to compute now: a prefill chunk or one decode
-token). Their tokens are flattened into one (N, hidden) activation, ordered by adapter so that batched LoRA sees
-one contiguous row range per adapter (lora_batch.py). The projections and MLP run once over all N rows; attention
+token). Their tokens are flattened into one (N, hidden) activation; batched LoRA adds each token's adapter delta by a
+per-token column mask (lora_batch.LoraBank). The projections and MLP run once over all N rows; attention
 runs per prefill chunk (causal against the sequence's cached prefix) and once for all decode tokens (each query
 against its own slot, masked to the slot's length, reading the cache in place).
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import SlotCache
-from .lora_batch import LoraBank, LoraWeights
+from .lora_batch import LoraBank, LoraWeights, packing_available
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,7 +49,7 @@ class Linear:
             return
         self.weight = weight.detach().to(dtype).contiguous()
         self._bytes = self.weight.numel() * self.weight.element_size()
-        if dtype == torch.bfloat16 and _packing_available():
+        if dtype == torch.bfloat16 and packing_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
             self.weight = None  # the blocked copy is the only one kept
 
@@ -64,12 +64,6 @@ class Linear:
             y = torch._weight_int8pack_mm(x, self.weight, self.scale)  # dequantizes inside the kernel
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
-
-
-def _packing_available() -> bool:
-    from ..methods.packed_linear import available
-
-    return available(torch.device("cpu"))[0]
 
 
 @dataclass
@@ -104,11 +98,9 @@ class ModelRunner:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.to(dtype)
         self.layers = []
-        self.shapes = {}  # {module name: (in, out)} of the HF model's linears, what adapters are checked against
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             mods = {name: getattr(attn, name) for name in LINEARS[:4]} | {n: getattr(mlp, n) for n in LINEARS[4:]}
-            self.shapes = {n: (m.in_features, m.out_features) for n, m in mods.items()}
             # q, k, v as one matmul and gate, up as another: 4 weight reads per layer instead of 7 calls; per-row
             # int8 scales make the fused quantization identical to quantizing each part.
             self.layers.append({"in_norm": layer.input_layernorm.to(dtype),
@@ -117,6 +109,8 @@ class ModelRunner:
                                 "o_proj": Linear(mods["o_proj"].weight, mods["o_proj"].bias, dtype, quantize),
                                 "gate_up": _fused([mods["gate_proj"], mods["up_proj"]], dtype, quantize),
                                 "down_proj": Linear(mods["down_proj"].weight, mods["down_proj"].bias, dtype, quantize)})
+        # {module name: (in, out)} of the HF model's linears (the same in every layer): what adapters are checked against
+        self.shapes = {n: (m.in_features, m.out_features) for n, m in mods.items()}
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         # where each HF module's output sits in the fused outputs: name -> (fused name, column start, end)
         inter = self.shapes["gate_proj"][1]

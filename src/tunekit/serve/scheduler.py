@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from .kv_cache import SlotCache
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
 
 class Scheduler:
@@ -47,7 +47,7 @@ class Scheduler:
             if slot is None:
                 break
             seq = self.waiting.popleft()
-            seq.slot, seq.status = slot, Status.RUNNING
+            seq.slot = slot
             self.running.append(seq)
             chunk = seq.next_tokens(budget)
             plan.append((seq, chunk))
@@ -56,7 +56,6 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out (finished, aborted or failed) and free its cache slot."""
-        seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
             self.cache.release_slot(seq.slot)

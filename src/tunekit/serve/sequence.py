@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Callable
 
 from .sampling import SamplingParams
 
 _ids = itertools.count()
-
-
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass
@@ -37,13 +30,11 @@ class Sequence:
     on_event: Callable[[Event], None] = lambda e: None
     matcher: object = None  # an llguidance LLMatcher when the output is constrained
     id: int = field(default_factory=lambda: next(_ids))
-    status: Status = Status.WAITING
     slot: int | None = None
     computed: int = 0  # tokens whose keys/values are in the cache
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
     finish_reason: str | None = None
-    first_token_time: float | None = None
     generator: object = None
 
     def __post_init__(self):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, serving_kind
+from .adapters import AdapterError
 from .engine import Engine, ServeOptions, serving_dtype
 
 
@@ -71,9 +71,8 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     engine = Engine(opts, metrics=metrics)
     for name, path in (adapter_folders(adapters_dir) if adapters_dir else {}).items():
         try:
-            kind = serving_kind(path)
-            engine.load_adapter(name, path, pin=name in (pin or []))
-            print(f"[tunekit] adapter {name}: {kind} ({path})", file=sys.stderr, flush=True)
+            entry = engine.load_adapter(name, path, pin=name in (pin or []))
+            print(f"[tunekit] adapter {name}: {entry.kind} ({path})", file=sys.stderr, flush=True)
         except AdapterError as e:
             print(f"[tunekit] skipped adapter {name}: {e}", file=sys.stderr, flush=True)
     if print_vllm:
