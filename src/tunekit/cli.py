@@ -8,12 +8,13 @@ import sys
 
 from .config import OPTIMIZERS, Config, ConfigError, config_to_yaml, describe_fields, load_config, parse_value
 
-TRAIN_USAGE = """usage: tunekit train [--config FILE.yaml] [--section.key VALUE ...] [--resume] [--print-config]
+TRAIN_USAGE = """usage: tunekit train [--config FILE.yaml] [--section.key VALUE ...] [--resume] [--print-config] [--nproc N]
 
 Fine-tune a model. Values come from the defaults, then the YAML file, then flags (`--method.r 8`,
 `--train.max_steps=100`, `--method.target_modules '[q_proj, v_proj]'`; values are parsed as YAML).
 `--method NAME` picks the method (see --method.name below). `--resume` continues from the last checkpoint
-in train.output_dir.
+in train.output_dir. `--nproc N` trains on N processes of this machine through torchrun (DDP, or FSDP2 with
+--train.parallel fsdp; the same as `torchrun --nproc-per-node N -m tunekit.cli train ...`; docs/scale-out.md).
 
 options:
 """
@@ -83,11 +84,20 @@ def cmd_train(argv: list[str], command: str = "train") -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(train_help(TRAIN_USAGE if command == "train" else DISTILL_USAGE))
         return 0
+    nproc = None
+    if any(a == "--nproc" or a.startswith("--nproc=") for a in argv):
+        from .distributed.launch import pop_nproc
+
+        argv, nproc = pop_nproc(argv)
     path, overrides, print_config = parse_train_argv(argv)
     cfg = load_config(path, overrides)
     if print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    if nproc and nproc > 1:
+        from .distributed.launch import launch
+
+        return launch(command, argv, nproc, cfg)
     from .api import distill, train
 
     result = train(cfg) if command == "train" else distill(cfg)
@@ -228,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--print-vllm", action="store_true", help="print the `vllm serve` command for the same base "
                     "and adapters (for a GPU machine) and exit")
 
+    sub.add_parser("rag", help="retrieval: `tunekit rag ingest|search|ask|eval|make-data|list|drop` (see "
+                   "`tunekit rag --help`)", add_help=False)
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
     d.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
@@ -259,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_serve(argv[2:])
             return 0
+        if argv[:1] == ["rag"]:
+            from .rag.cli import main as rag_main  # prints its own errors (RagError) as one clean line
+
+            return rag_main(argv[1:])
         if argv[:2] == ["bench", "train"]:
             from .bench.train_bench import main as bench_train
 
@@ -353,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from .serve.adapters import AdapterError
         from .serve.security import KeyFileError
+        from .distributed.context import DistributedError
 
         if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError,
-                          AdapterError, KeyFileError)):
+                          AdapterError, KeyFileError, DistributedError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

@@ -338,6 +338,11 @@ class TrainConfig(Section):
         "(methods/packed_linear.py; 1.09x tokens/s in the benchmark, costs two more bf16 copies of the frozen linear "
         "weights).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes (tunekit train --nproc N, or torchrun -m tunekit.cli train): ddp = "
+        "every process holds the model, gradients are all-reduced (gloo on CPU, nccl on GPU); fsdp = FSDP2 "
+        "(fully_shard) shards parameters, gradients and optimizer state per decoder layer (method full only). "
+        "batch_size x grad_accum stays the global batch, split evenly across the processes (docs/scale-out.md).")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Extra metric sinks (their libraries must be installed)."
     )
@@ -346,6 +351,16 @@ class TrainConfig(Section):
         True, description="Make the memory plan of the run (tunekit plan; kept in result.json and the run card next "
                           "to the measured peak) and warn before training when it exceeds the free memory."
     )
+    pii: Literal["off", "warn", "refuse", "redact"] = Field(
+        "warn", description="Scan data.train / data.validation for personal data (e-mail, IBAN, card, phone, IP, "
+        "names; tunekit data scan) before training: warn prints what was found (masked, with file:line:field); refuse "
+        "stops with that report; redact trains on a copy with typed placeholders (<output_dir>/pii-redacted/); off "
+        "skips the scan (docs/privacy.md).")
+
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _pii_yaml_boolean(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads `off` as false
 
     @field_validator("compile", "fused_ops", mode="before")
     @classmethod

@@ -92,16 +92,23 @@ class BatchStream:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = epoch_order(len(self.examples), self.seed, self.epoch)
 
-    def __next__(self) -> Batch:
+    def take(self, n: int) -> list:
+        """The next `n` examples of the seeded order (crossing into the next epoch when needed)."""
         chosen = []
-        while len(chosen) < self.batch_size:
+        while len(chosen) < n:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = epoch_order(len(self.examples), self.seed, self.epoch)
-            take = self._order[self.pos : self.pos + self.batch_size - len(chosen)]
+            take = self._order[self.pos : self.pos + n - len(chosen)]
             chosen += [self.examples[i] for i in take]
             self.pos += len(take)
-        return collate_packed(chosen) if self.packing else collate_padded(chosen, self.pad_id)
+        return chosen
+
+    def collate(self, examples: Sequence) -> Batch:
+        return collate_packed(examples) if self.packing else collate_padded(examples, self.pad_id)
+
+    def __next__(self) -> Batch:
+        return self.collate(self.take(self.batch_size))
 
     def __iter__(self):
         return self

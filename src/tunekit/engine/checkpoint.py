@@ -67,7 +67,9 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainingState,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, trainable: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write a checkpoint. `trainable` / `optimizer_state` replace what is read from model / optimizer when the
+    caller gathered them already (FSDP2 shards both: distributed/state.py)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
@@ -76,9 +78,10 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if trainable is None:
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save({"step": state.step, "stream": state.stream, "scheduler": state.scheduler,
                 "tokens_seen": state.tokens_seen, "rng": state.rng, "elapsed_s": state.elapsed_s,
                 "rate_tokens": state.rate_tokens, "rate_time": state.rate_time}, tmp / "state.pt")
@@ -134,7 +137,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         for n, t in weights.items():
             params[n].copy_(t)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    s = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return read_training_state(path)
+
+
+def read_training_state(path: Path) -> TrainingState:
+    """The loop state of checkpoint `path` (step, stream position, scheduler, RNG, throughput so far)."""
+    s = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     return TrainingState(step=s["step"], stream=s["stream"], scheduler=s["scheduler"],
                          tokens_seen=s["tokens_seen"], rng=s["rng"], elapsed_s=s.get("elapsed_s", 0.0),
                          rate_tokens=s.get("rate_tokens", 0), rate_time=s.get("rate_time", 0.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -28,7 +29,7 @@ from ..methods.lora_kernel import use_fast_lora_
 from ..methods.packed_linear import pack_frozen_linears_
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
-from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import TrainingState, latest_checkpoint, rng_state, set_rng_state
 from .compile import compile_decoder_layers_, layers_compiled
 from .fused_ops import fuse_decoder_ops_
 from .energy import EnergyMeter
@@ -36,8 +37,12 @@ from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_pe
 from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
 from .objective import build_objective, gold_loss_sum
-from .metrics import MetricsLog, Progress, Sinks, read_metrics
+from .metrics import MetricsLog, NullLog, Progress, Sinks, read_metrics
 from .schedule import build_optimizer, build_scheduler
+from ..distributed.context import DistContext, init_distributed, peer_failure_is_clear, shutdown_distributed
+from ..distributed.sharding import check_world_divides, rank_micro_batches
+from ..distributed.state import load_checkpoint_any_world, save_checkpoint_once, save_result_once
+from ..distributed.wrap import clip_grad_norm, gathered_for_eval, gradient_sync, scaled_for_backward, wrap_for_training
 
 
 @dataclass
@@ -62,6 +67,8 @@ class TrainResult:
     energy_note: str = ""
     planned_peak_bytes: int | None = None  # planner.py's prediction for this run (None when it cannot plan it)
     allocator: str = ""  # the malloc serving CPU memory: tcmalloc, jemalloc, glibc (tunekit/allocator.py)
+    world_size: int = 1  # training processes (torchrun); tokens and tokens/s count all of them
+    parallel: str = "none"  # none, ddp or fsdp (distributed/wrap.py)
 
 
 class _StopFlag:
@@ -120,7 +127,19 @@ def total_steps_for(cfg: Config, n_train: int) -> int:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; everything lands in `cfg.train.output_dir`."""
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; everything lands in `cfg.train.output_dir`.
+
+    Under torchrun (WORLD_SIZE > 1) each process runs this same function on its share of every global batch
+    (distributed/); alone, it is the plain single-process run."""
+    check_world_divides(cfg.train.batch_size, cfg.train.grad_accum, int(os.environ.get("WORLD_SIZE", 1)))
+    ctx = init_distributed(pick_device(cfg.train.device))
+    try:
+        return _train(cfg, ctx)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     t_start = time.perf_counter()
     tc = cfg.train
     run_dir = Path(tc.output_dir)
@@ -129,7 +148,7 @@ def train(cfg: Config) -> TrainResult:
         torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
+    device = ctx.device
     if device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(tc.precision, device)
@@ -145,7 +164,7 @@ def train(cfg: Config) -> TrainResult:
     memory_plan = run_plan(cfg, data.stats, device, precision) if tc.plan_check else None
     warning = over_free_memory_warning(memory_plan, device)
     if warning:
-        print(warning, flush=True)
+        ctx.say(warning)
 
     # The objective before the student: a teacher that cannot be used (tokenizer, memory) fails before training.
     objective = build_objective(cfg, tokenizer, data.stats, device, precision)
@@ -160,7 +179,6 @@ def train(cfg: Config) -> TrainResult:
         cast_frozen_linears_(model, torch.bfloat16)  # same matmuls as autocast, without per-step weight casts
     # LoRA layers (if any): the adapter branch as one node, cheaper dropout
     n_fused = use_fast_lora_(model) if tc.fused_lora else 0
-    params = trainable_named_parameters(model)
     n_trainable, n_total = count_parameters(model)
     steps = total_steps_for(cfg, len(data.train))
     lm = method.causal_lm(model)
@@ -179,41 +197,50 @@ def train(cfg: Config) -> TrainResult:
     flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1),
                                 n_tok / max(len(data.train), 1))
     peak = cached_matmul_peak(peak_dtype(precision, device), device)
+    # DDP around the training forward, or FSDP2 sharding the model in place: before the optimizer sees the params.
+    forward = wrap_for_training(ctx, model, objective, method, tc.parallel)
+    params = trainable_named_parameters(model)
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     packing = cfg.data.packing and method.supports_packing
     if cfg.data.packing and not packing:
-        print(f"[tunekit] method {method.name} cannot train on packed rows: using padded batches", flush=True)
+        ctx.say(f"[tunekit] method {method.name} cannot train on packed rows: using padded batches")
     stream = BatchStream(data.train, tc.batch_size, tc.seed, packing, pad_id)
     eval_args = (tc.batch_size, packing, pad_id, device, precision)
+
+    def validation_loss() -> float:  # every rank evaluates the whole validation set (FSDP2 needs all of them)
+        with gathered_for_eval(forward, ctx):
+            return evaluate_loss(model, method, data.validation, *eval_args)
 
     start_step, tokens_seen, eval_before, earlier = 0, 0, None, TrainingState(0, {}, {}, 0, {})
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint_any_world(ctx, ckpt, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
         stream.load_state_dict(state.stream)
         set_rng_state(state.rng)
         start_step, tokens_seen, earlier = state.step, state.tokens_seen, state
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
+        # Metrics, run card and result come from rank 0 (NullLog elsewhere).
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if ctx.is_main else NullLog()
         eval_before = next((m["eval_loss"] for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] == 0
-                            and "eval_loss" in m), None)
-        print(f"[tunekit] resumed from {ckpt} at step {start_step}/{steps}", flush=True)
+                            and "eval_loss" in m), None) if ctx.is_main else None
+        ctx.say(f"[tunekit] resumed from {ckpt} at step {start_step}/{steps}")
     else:
         if tc.resume:
-            print(f"[tunekit] --resume: no checkpoint in {run_dir}/checkpoints, starting from step 0", flush=True)
-        log = MetricsLog(run_dir / "metrics.jsonl")
-        eval_before = evaluate_loss(model, method, data.validation, *eval_args) if data.validation else None
+            ctx.say(f"[tunekit] --resume: no checkpoint in {run_dir}/checkpoints, starting from step 0")
+        log = MetricsLog(run_dir / "metrics.jsonl") if ctx.is_main else NullLog()
+        eval_before = validation_loss() if data.validation else None
         log.write({"step": 0, "eval_loss": eval_before})
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    sinks = Sinks(tc.report_to, run_dir, cfg.model_dump(mode="json"))
-    print(f"[tunekit] {data.stats.summary()}", flush=True)
-    print(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
-          f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}; {fused_note}"
-          + (f"; {n_packed} frozen linears packed for oneDNN" if n_packed else ""), flush=True)
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    sinks = Sinks(tc.report_to if ctx.is_main else [], run_dir, cfg.model_dump(mode="json"))
+    ctx.say(f"[tunekit] {data.stats.summary()}")
+    ctx.say(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
+            f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}; {fused_note}"
+            + (f"; {n_packed} frozen linears packed for oneDNN" if n_packed else "")
+            + (f"; {ctx.world_size} processes ({ctx.parallel}, {ctx.backend})" if ctx.enabled else ""))
 
-    head = method.lm_head(model)
-    progress = Progress(steps, start_step, tc.progress)
+    progress = Progress(steps, start_step, tc.progress and ctx.is_main)
     energy = EnergyMeter(tc.energy, tc.country_iso_code)
     energy.start()
     model.train()
@@ -221,37 +248,47 @@ def train(cfg: Config) -> TrainResult:
     step, rate_tokens, rate_time = start_step, earlier.rate_tokens, earlier.rate_time
     eval_after, interrupted = None, False
 
-    def checkpoint():
+    def checkpoint():  # one writer (rank 0); with FSDP2 every rank helps gather first
         elapsed = earlier.elapsed_s + time.perf_counter() - t_start
-        save_checkpoint(run_dir, model, optimizer,
-                        TrainingState(step, stream.state_dict(), scheduler.state_dict(), tokens_seen, rng_state(),
-                                      elapsed, rate_tokens, rate_time), keep=tc.keep_checkpoints)
+        save_checkpoint_once(ctx, run_dir, model, optimizer,
+                             TrainingState(step, stream.state_dict(), scheduler.state_dict(), tokens_seen, rng_state(),
+                                           elapsed, rate_tokens, rate_time), keep=tc.keep_checkpoints)
 
-    with _StopFlag() as stop:
+    def resume_hint() -> str:
+        return (f"The last complete checkpoint is {latest_checkpoint(run_dir)}; continue with: tunekit train "
+                f"--config {run_dir}/config.yaml --resume --nproc N (any N that divides the global batch)")
+
+    with _StopFlag() as stop, peer_failure_is_clear(ctx, resume_hint):
         while step < steps:
             t0 = time.perf_counter()
-            micro = [objective.prepare(next(stream), model, method, step) for _ in range(tc.grad_accum)]
-            # Token-weighted loss: every target token of the optimizer step weighs the same, however the
-            # step is split into micro-batches (divide by the step's total, not each micro-batch's count).
-            n_targets = sum(b.n_targets for b in micro)
+            # This rank's share of the global batch (all of it for one process), as micro-batches.
+            micro = [objective.prepare(b, model, method, step)
+                     for b in rank_micro_batches(stream, tc.batch_size, tc.grad_accum, ctx.rank, ctx.world_size)]
+            # Token-weighted loss: every target token of the optimizer step weighs the same, however the step is
+            # split into micro-batches and ranks (divide by the global batch's total, not a micro-batch's or rank's).
+            n_targets, n_tokens = ctx.sum([sum(b.n_targets for b in micro), sum(b.n_tokens for b in micro)])
             loss_total, part_totals = 0.0, {}
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 b = batch.to(device)
-                with autocast(device, precision):
-                    loss_sum, parts = objective.loss_sum(model, method, head, b)
-                (loss_sum / n_targets).backward()
+                with gradient_sync(forward, ctx, sync=i == len(micro) - 1):  # reduce once per step
+                    with autocast(device, precision):
+                        loss_sum, parts = forward(b)
+                    scaled_for_backward(ctx, loss_sum, n_targets).backward()
                 loss_total += float(loss_sum.detach())
                 for k, v in parts.items():
                     part_totals[k] = part_totals.get(k, 0.0) + v
+            # Summed over ranks for the log; the stop request too, so that every rank leaves the loop together.
+            totals = ctx.sum([loss_total, float(stop.requested), *part_totals.values()])
+            loss_total, stop_requested, part_totals = totals[0], totals[1] > 0, dict(zip(part_totals, totals[2:]))
             grad_norm = None
             if cfg.optim.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.optim.max_grad_norm))
+                grad_norm = clip_grad_norm(params.values(), cfg.optim.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            n_tokens = sum(b.n_tokens for b in micro)
+            n_tokens = int(n_tokens)
             tokens_seen += n_tokens
             dt = time.perf_counter() - t0
             if step > start_step + 1 or steps - start_step == 1:  # first step pays one-off warm-up costs
@@ -263,20 +300,20 @@ def train(cfg: Config) -> TrainResult:
                       "peak_memory_gib": peak_memory_bytes(device) / 2**30,
                       **{f"loss_{k}": v / n_targets for k, v in part_totals.items()}}
             if tc.eval_every and step % tc.eval_every == 0 and step < steps and data.validation:
-                record["eval_loss"] = evaluate_loss(model, method, data.validation, *eval_args)
+                record["eval_loss"] = validation_loss()
                 progress.message(f"step {step}: eval_loss {record['eval_loss']:.4f}")
             if step % tc.log_every == 0 or "eval_loss" in record or step == steps:
                 log.write(record)
                 sinks.log(record, step)
             progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / peak,
                             peak_gib=record["peak_memory_gib"])
-            if stop.requested:
+            if stop_requested:
                 interrupted = True
                 break
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 checkpoint()
         if step == steps and data.validation:
-            eval_after = evaluate_loss(model, method, data.validation, *eval_args)
+            eval_after = validation_loss()
             log.write({"step": step, "eval_loss": eval_after, "final": True})
         checkpoint()
     progress.close()
@@ -293,12 +330,15 @@ def train(cfg: Config) -> TrainResult:
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
         matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
         planned_peak_bytes=memory_plan.total if memory_plan else None, allocator=in_use(),
+        world_size=ctx.world_size, parallel=ctx.parallel,
     )
     if interrupted:
-        print(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "
-              f"--train.resume true", flush=True)
+        ctx.say(f"[tunekit] stopped at step {step}; continue with: tunekit train --config {run_dir}/config.yaml "
+                f"--train.resume true")
         return result
-    method.save(model, run_dir)
+    save_result_once(ctx, method, model, run_dir)
+    if not ctx.is_main:
+        return result
     tokenizer.save_pretrained(run_dir)
     from ..runcard import write_run_card
 

@@ -32,6 +32,16 @@ class MetricsLog:
         self._fh.close()
 
 
+class NullLog:
+    """MetricsLog's interface writing nothing: the log of ranks other than 0 in a multi-process run."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
