@@ -9,9 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup tcmalloc demo test test-fast clean
+.PHONY: setup tcmalloc debian-faq demo test test-fast clean
 
-setup: tcmalloc $(VENV)/.installed
+setup: tcmalloc debian-faq $(VENV)/.installed
 
 # tcmalloc: the training commands run under it when installed (faster, flat CPU peaks; src/tunekit/allocator.py).
 # Best effort, only as root with apt-get: everything also works with the system's malloc.
@@ -19,6 +19,13 @@ tcmalloc:
 	@ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
 	  || { apt-get update -qq && apt-get install -y -q libtcmalloc-minimal4; } >/dev/null 2>&1 \
 	  || echo "libtcmalloc-minimal4 not installed: system malloc"
+
+# debian-faq: Debian's FAQ in 5 languages, a real corpus for the RAG evaluation tests (tests/test_rag_eval.py skips
+# without it). Best effort, only as root with apt-get.
+debian-faq:
+	@ls /usr/share/doc/debian/FAQ/debian-faq.nl.txt.gz >/dev/null 2>&1 || ! command -v apt-get >/dev/null \
+	  || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -q debian-faq debian-faq-fr \
+	  debian-faq-de debian-faq-nl debian-faq-it; } >/dev/null 2>&1 || echo "debian-faq not installed: its tests skip"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
