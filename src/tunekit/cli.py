@@ -237,9 +237,60 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: all cores)")
     sv.add_argument("--print-vllm", action="store_true", help="print the `vllm serve` command for the same base "
                     "and adapters (for a GPU machine) and exit")
+    sv.add_argument("--log", default="metadata", choices=["off", "metadata", "redacted", "full"],
+                    help="request log: metadata (time, key, user pseudonym, model, tokens, latency, status), redacted "
+                    "(+ prompt and answer with personal data replaced), full (as sent; needs --log-full-consent), off")
+    sv.add_argument("--log-db", default=None, help="log store URL: sqlite:///PATH or postgresql://... (default "
+                    "sqlite under $TUNEKIT_CACHE/logs/requests.db)")
+    sv.add_argument("--retention-days", type=float, default=None, help="delete log rows older than this (hourly)")
+    sv.add_argument("--log-full-consent", action="store_true", help="confirm --log full (see docs/privacy.md)")
+    dt = sub.add_parser("data", help="personal data in training files: `tunekit data scan FILE`, "
+                        "`tunekit data redact FILE --out FILE2`")
+    dt_sub = dt.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    ds = dt_sub.add_parser("scan", help="count personal data per type, with masked examples and file:line:field")
+    ds.add_argument("file")
+    ds.add_argument("--json", action="store_true", help="print the report as JSON")
+    ds.add_argument("--examples", type=int, default=10, help="masked examples to show")
+    dr = dt_sub.add_parser("redact", help="write a copy with personal data replaced (.jsonl, .json or .csv)")
+    dr.add_argument("file")
+    dr.add_argument("--out", required=True)
+    dr.add_argument("--operator", default="placeholder", choices=["placeholder", "mask", "hash"],
+                    help="<EMAIL> placeholders, j****l masks, or keyed HMAC tokens (secret: $TUNEKIT_PII_SECRET)")
+    lg = sub.add_parser("logs", help="the request log: `tunekit logs purge|erase|export|stats` (docs/privacy.md)")
+    lg_sub = lg.add_subparsers(dest="logs_command", metavar="SUBCOMMAND", required=True)
+    for name, text in (("purge", "delete rows older than --days"), ("erase", "erase every row of --user (GDPR "
+                       "Art. 17) and the files exported for them; audited"), ("export", "write the rows of --user "
+                       "as JSONL (a data-subject access request)"), ("stats", "rows, erasures")):
+        lp = lg_sub.add_parser(name, help=text)
+        lp.add_argument("--db", default=None, help="log store URL (default: the one tunekit serve uses)")
+        if name == "purge":
+            lp.add_argument("--days", type=float, required=True)
+        if name in ("erase", "export"):
+            lp.add_argument("--user", required=True)
+        if name == "export":
+            lp.add_argument("--out", required=True)
 
     sub.add_parser("rag", help="retrieval: `tunekit rag ingest|search|ask|eval|make-data|list|drop` (see "
                    "`tunekit rag --help`)", add_help=False)
+    ex = sub.add_parser("export", help="a run as a merged transformers folder, GGUF (+ Ollama Modelfile), a llama.cpp "
+                        "LoRA GGUF or a vLLM adapter, each checked by the tool that consumes it (docs/export.md)")
+    ex.add_argument("run", help="tunekit run folder or PEFT adapter folder")
+    ex.add_argument("--format", required=True, choices=["hf", "gguf", "ollama", "lora-gguf", "vllm"])
+    ex.add_argument("--out", required=True, help="new folder for the export (written under a temporary name, "
+                    "renamed when complete)")
+    ex.add_argument("--quant", default=None, help="GGUF type: f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 q6_k q5_k_m "
+                    "q4_k_m (default f16; ollama q8_0; for lora-gguf: the base GGUF written beside the adapter)")
+    ex.add_argument("--dtype", default="float32", help="hf: weights dtype (float32, bfloat16, float16)")
+    ex.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    ex.add_argument("--serve-name", default=None, help="vllm: the base model name vLLM serves "
+                    "(base_model_name_or_path; default: the base model's folder)")
+    ex.add_argument("--gguf-pre", default=None, help="llama.cpp pre-tokenizer name, for tokenizers tunekit "
+                    "does not recognise")
+    ex.add_argument("--no-verify", action="store_true", help="skip the checks with transformers, llama.cpp, Go, "
+                    "vLLM")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads for the checks")
+
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
     d.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
@@ -350,7 +401,25 @@ def main(argv: list[str] | None = None) -> int:
                                 max_adapters=args.max_adapters, threads=args.threads)
             return serve(opts, args.adapters, host=args.host, port=args.port, api_keys=args.api_keys,
                          embedding_model=args.embedding_model, print_vllm=args.print_vllm, pin=args.pin,
-                         max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
+                         max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, log=args.log,
+                         log_db=args.log_db, retention_days=args.retention_days,
+                         log_full_consent=args.log_full_consent)
+        elif args.command in ("data", "logs"):
+            from .privacy.cli import run as privacy_command
+
+            return privacy_command(args)
+        elif args.command == "export":
+            from .export import export
+            from .export.card import _fmt
+
+            card = export(args.run, args.format, args.out, quant=args.quant, model=args.model, dtype=args.dtype,
+                          verify=not args.no_verify, gguf_pre=args.gguf_pre, serve_name=args.serve_name,
+                          overwrite=args.overwrite, threads=args.threads)
+            print(f"exported {args.format}: {card['out']}  ({card['what']})")
+            for name, result in card["verification"].items():
+                print(f"  verified, {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in result.items()))
+            for line in card.get("use", []):
+                print(f"  use: {line.replace('<out>', card['out'])}")
         elif args.command == "demo":
             api.demo(out=args.out, steps=args.steps, n_test=args.n_test)
         else:
@@ -369,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
 
         from .serve.adapters import AdapterError
         from .serve.security import KeyFileError
+        from .privacy.errors import PrivacyError
+
+        if isinstance(e, PrivacyError):  # log store unreachable, no hash secret, train.pii=refuse, ...
+            print(f"tunekit: {e}", file=sys.stderr)
+            return 2
+        from .export.errors import ExportError
         from .distributed.context import DistributedError
 
         if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError,
-                          AdapterError, KeyFileError, DistributedError)):
+                          AdapterError, KeyFileError, DistributedError, ExportError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

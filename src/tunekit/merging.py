@@ -52,27 +52,15 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
           quiet: bool = False) -> MergeResult:
     """Merge the run folder / adapter at `adapter` into its base model (`model`, default: the one it was trained
     on) and write a plain transformers folder to `out` with weights in `dtype` (float32, bfloat16, float16)."""
-    from .inference import tokenizer_source
-    from .methods import MethodError, method_for_folder
-    from .models import load_model, load_tokenizer
+    from .models import load_tokenizer
 
-    run_dir = Path(adapter)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"adapter folder not found: {run_dir}")
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    out_dir = Path(out)
+    run_dir, out_dir = Path(adapter), Path(out)
     if out_dir.resolve() == run_dir.resolve():
         raise ModelError(f"--out {out_dir} is the run folder itself; choose a new folder")
-    method = method_for_folder(run_dir)
-    if not method.can_merge:
-        method.merge(None)  # raises the method's own MethodError: why it cannot merge, how to serve it instead
-        raise MethodError(f"method {method.name!r} cannot be merged into the base weights")
-    model_name = model or base_model_of(run_dir)
-    # Merge in fp32 (W + BA rounded once), then cast to the requested storage dtype.
-    base = load_model(model_name, dtype="float32", device=device)
-    loaded = method.load(base, run_dir)
-    merged = method.merge(loaded).to(DTYPES[dtype])
+    merged, method, model_name, tokenizer_ref = load_merged(adapter, model, device)
+    merged = merged.to(DTYPES[dtype])
     note = merge_note(method.name, dtype, low_rank=getattr(getattr(method, "cfg", None), "lora_r", None) is not None)
     if not quiet:
         print(f"[tunekit] {note}", flush=True)
@@ -80,10 +68,30 @@ def merge(adapter: str, out: str, model: str | None = None, dtype: str = "float3
     config = merged.config
     config.dtype = DTYPES[dtype]
     merged.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(tokenizer_source(model_name, str(run_dir))).save_pretrained(out_dir)
+    load_tokenizer(tokenizer_ref).save_pretrained(out_dir)
     result = MergeResult(str(out_dir), method.name, model_name, dtype, note)
     (out_dir / MERGE_INFO).write_text(json.dumps({**asdict(result), "adapter": str(run_dir)}, indent=2) + "\n")
     return result
+
+
+def load_merged(adapter: str, model: str | None = None, device: str = "cpu"):
+    """(merged fp32 model, method, base model name, tokenizer reference) for a run folder / adapter: the base
+    loaded in fp32, the adapter applied by its method and folded in (W + BA rounded once, in fp32)."""
+    from .inference import tokenizer_source
+    from .methods import MethodError, method_for_folder
+    from .models import load_model
+
+    run_dir = Path(adapter)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {run_dir}")
+    method = method_for_folder(run_dir)
+    if not method.can_merge:
+        method.merge(None)  # raises the method's own MethodError: why it cannot merge, how to serve it instead
+        raise MethodError(f"method {method.name!r} cannot be merged into the base weights")
+    model_name = model or base_model_of(run_dir)
+    base = load_model(model_name, dtype="float32", device=device)
+    merged = method.merge(method.load(base, run_dir))
+    return merged, method, model_name, tokenizer_source(model_name, str(run_dir))
 
 
 def merge_note(method: str, dtype: str, low_rank: bool = False) -> str:
