@@ -59,7 +59,8 @@ def chunk_document(doc: Document, tokenizer, size: int = DEFAULT_CHUNK_TOKENS,
 
 def split_spans(text: str, tokenizer, size: int, overlap: int) -> list[tuple[int, int]]:
     """(start, end) character spans of the chunks of one section's text."""
-    offsets = [o for o in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = [o for o in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                         verbose=False)["offset_mapping"]
                if o[1] > o[0]]
     n = len(offsets)
     if n == 0:

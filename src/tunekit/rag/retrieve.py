@@ -85,12 +85,12 @@ _BM25_LOCK = threading.Lock()
 
 
 def bm25_index(store: Store, collection: str) -> BM25Index:
-    info = store.info(collection)
+    version = store.version(collection)
     key = (store.url, collection)
     with _BM25_LOCK:
         cached = _BM25_CACHE.get(key)
-        if cached is None or cached[0] != info.version:
-            cached = (info.version, BM25Index(store.all_chunks(collection), info.language))
+        if cached is None or cached[0] != version:
+            cached = (version, BM25Index(store.all_chunks(collection), store.info(collection).language))
             _BM25_CACHE[key] = cached
         return cached[1]
 

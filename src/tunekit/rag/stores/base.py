@@ -52,6 +52,15 @@ class StoredChunk:
         return f"{self.heading}\n{self.text}" if self.heading else self.text
 
 
+def check_vectors(chunks: list, vectors: np.ndarray, dim: int) -> np.ndarray:
+    """float32 (len(chunks), dim), or RagError before anything is written."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape != (len(chunks), dim):
+        raise RagError(f"{len(chunks)} chunks need vectors of shape ({len(chunks)}, {dim}); got {vectors.shape} "
+                       f"(the collection's dimension is {dim})", "embedding_model", 409)
+    return vectors
+
+
 def check_name(name: str) -> str:
     if not NAME.match(name or ""):
         raise RagError(f"collection name {name!r}: use 1-63 letters, digits, '_', '-' or '.', starting with a letter "
@@ -73,6 +82,10 @@ class Store:
         raise NotImplementedError
 
     def collections(self) -> list[str]:
+        raise NotImplementedError
+
+    def version(self, name: str) -> int:
+        """A number that changes with every write to the collection (cheap: no counting)."""
         raise NotImplementedError
 
     def files(self, name: str) -> dict[str, str]:

@@ -10,13 +10,14 @@ Index kinds: flat (exact inner product, the default) or hnsw (HNSW graph, M=32; 
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ..chunking import Chunk
 from ..errors import RagError
-from .base import CollectionInfo, Store, StoredChunk, check_name
+from .base import CollectionInfo, Store, StoredChunk, check_name, check_vectors
 
 SCHEMA = """
 create table if not exists collection (name text primary key, model text not null, dim integer not null,
@@ -74,8 +75,8 @@ class FaissStore(Store):
         conn = self._conn(name, create=True)
         row = conn.execute("select name from collection").fetchone()
         if row is None:
-            conn.execute("insert into collection values (?, ?, ?, ?, ?, 0)",
-                         (name, model, dim, language, index or self.index_kind))
+            conn.execute("insert into collection values (?, ?, ?, ?, ?, ?)",  # version starts at the creation
+                         (name, model, dim, language, index or self.index_kind, time.time_ns() // 1000))  # time (µs)
         return self.info(name)
 
     def info(self, name) -> CollectionInfo:
@@ -95,7 +96,7 @@ class FaissStore(Store):
     def replace_file(self, name, source, digest, chunks: list[Chunk], vectors: np.ndarray) -> None:
         conn = self._conn(name)
         index = self._faiss(name)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = check_vectors(chunks, vectors, self._dim(name))
         conn.execute("begin immediate")
         try:
             old = [r[0] for r in conn.execute("select id from chunks where source = ?", (source,))]
@@ -153,7 +154,10 @@ class FaissStore(Store):
     def _kind(self, name) -> str:
         return self._conn(name).execute("select index_kind from collection").fetchone()[0]
 
-    def _version(self, name) -> int:
+    def _dim(self, name) -> int:
+        return self._conn(name).execute("select dim from collection").fetchone()[0]
+
+    def version(self, name) -> int:
         return self._conn(name).execute("select version from collection").fetchone()[0]
 
     def _new_index(self, dim: int, kind: str):
@@ -201,7 +205,7 @@ class FaissStore(Store):
         faiss.write_index(index, str(path) + ".tmp")
         Path(str(path) + ".tmp").replace(path)
         stamp = path.with_suffix(".version")
-        stamp.with_suffix(".tmp").write_text(str(self._version(name)))
+        stamp.with_suffix(".tmp").write_text(str(self.version(name)))
         stamp.with_suffix(".tmp").replace(stamp)
         self._dirty.discard(name)
 

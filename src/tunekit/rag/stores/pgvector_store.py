@@ -12,12 +12,13 @@ few rows still returns k of them.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
 from ..chunking import Chunk
 from ..errors import RagError
-from .base import CollectionInfo, Store, StoredChunk, check_name
+from .base import CollectionInfo, Store, StoredChunk, check_name, check_vectors
 
 SCHEMA = """
 create extension if not exists vector;
@@ -73,15 +74,23 @@ class PostgresStore(Store):
             self._tables[name] = f"tunekit_rag_chunks_{row[0]}"
         return self._tables[name]
 
+    def _dim(self, name) -> int:
+        self._table(name)
+        return self.conn.execute("select dim from tunekit_rag_collections where name = %s", (name,)).fetchone()[0]
+
+    def version(self, name) -> int:
+        self._table(name)
+        return self.conn.execute("select version from tunekit_rag_collections where name = %s", (name,)).fetchone()[0]
+
     def collections(self) -> list[str]:
         return [r[0] for r in self.conn.execute("select name from tunekit_rag_collections order by name")]
 
     def create(self, name, model, dim, language, index=None) -> CollectionInfo:
         check_name(name)
         with self._lock, self.conn.transaction():
-            self.conn.execute("insert into tunekit_rag_collections (name, model, dim, language, index_kind) "
-                              "values (%s, %s, %s, %s, 'hnsw') on conflict (name) do nothing",
-                              (name, model, int(dim), language))
+            self.conn.execute("insert into tunekit_rag_collections (name, model, dim, language, index_kind, version) "
+                              "values (%s, %s, %s, %s, 'hnsw', %s) on conflict (name) do nothing",  # version starts
+                              (name, model, int(dim), language, time.time_ns() // 1000))  # at the creation time (µs)
             cid = self.conn.execute("select id from tunekit_rag_collections where name = %s", (name,)).fetchone()[0]
             table = f"tunekit_rag_chunks_{cid}"
             self.conn.execute(f"create table if not exists {table} (id bigserial primary key, source text not null, "
@@ -106,7 +115,7 @@ class PostgresStore(Store):
 
     def replace_file(self, name, source, digest, chunks: list[Chunk], vectors: np.ndarray) -> None:
         table = self._table(name)
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = check_vectors(chunks, vectors, self._dim(name))
         with self._lock, self.conn.transaction():
             self.conn.execute(f"delete from {table} where source = %s", (source,))
             with self.conn.cursor() as cur:
