@@ -291,8 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ex.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads for the checks")
 
-    sub.add_parser("rag", help="retrieval: `tunekit rag ingest|search|ask|eval|make-data|list|drop` (see "
-                   "`tunekit rag --help`)", add_help=False)
     d = sub.add_parser("demo", help="the end-to-end demo: data, base eval, LoRA training, eval, table")
     d.add_argument("--out", default="runs/demo", help="folder for data, run and results")
     d.add_argument("--steps", type=int, default=None, help="override the demo's training steps")
@@ -324,10 +322,6 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_serve(argv[2:])
             return 0
-        if argv[:1] == ["rag"]:
-            from .rag.cli import main as rag_main  # prints its own errors (RagError) as one clean line
-
-            return rag_main(argv[1:])
         if argv[:1] == ["rag"]:
             from .rag.cli import main as rag_main  # prints its own errors (RagError) as one clean line
 
