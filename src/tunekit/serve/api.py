@@ -18,10 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters import AdapterError
-from .embeddings import Embedder, encode_vector
+from .embeddings import DEFAULT_EMBEDDING_MODEL, Embedder, encode_vector
 from .engine import Engine, RequestError
 from .metrics import Metrics
-from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, EmbeddingRequest, chat_logprobs,
+from .protocol import (AdapterLoad, ChatRequest, CompletionRequest, EmbeddingRequest, RagSearchRequest,
+                       chat_logprobs,
                        completion_logprobs, error_body, new_id, now, usage)
 from .sampling import SamplingParams
 from .security import ApiKey, KeyStore
@@ -91,12 +92,18 @@ class BodyLimit:
 
 
 def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, embedder: Embedder | None = None,
-              limits: Limits | None = None) -> FastAPI:
+              limits: Limits | None = None,
+              rag=None) -> FastAPI:
     metrics = metrics or engine.metrics or Metrics()
     engine.metrics = engine.metrics or metrics
     for name in [engine.model_name, *engine.adapters]:  # listed from the start, also while idle
         metrics.adapter_listed(name)
     embedder = embedder or Embedder()
+    if rag is None:  # `"rag"` in chat, /v1/rag/search: the store of $TUNEKIT_RAG_STORE (else ~/.cache/tunekit/rag),
+        from ..rag.service import RagService  # opened on first use, with this server's embedding model
+
+        rag = RagService(embedding_model=None if embedder.path is None or embedder.name == DEFAULT_EMBEDDING_MODEL
+                         else str(embedder.path))
     limits = limits or Limits()
     app = FastAPI(title="tunekit serve", version="1", description="OpenAI-compatible API of one base model and "
                   "its adapters. Every route except /health needs `Authorization: Bearer <key>`.")
@@ -289,11 +296,50 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         except SchemaError as e:
             raise ApiError(400, str(e), e.param, "invalid_response_format") from None
 
+    async def rag_search(collection: str, query: str, top_k: int, method: str, sources, prefix: str = ""):
+        """Retrieval on the engine thread (the query embedding is torch work); RagError -> 4xx naming `prefix`+param."""
+        from ..rag.errors import RagError
+
+        try:
+            return await asyncio.wrap_future(engine.call(rag.search, collection, query, top_k, method, sources))
+        except RagError as e:
+            param = f"{prefix}{e.param}" if e.param else prefix.rstrip(".") or None
+            raise ApiError(e.status, str(e), param, "rag_" + (e.param or "error")) from None
+
+    async def rag_context(body: ChatRequest, messages: list[dict], key: ApiKey) -> tuple[list[dict], list]:
+        """(messages with the numbered chunks in the last user turn, the hits); (messages, None) without "rag"."""
+        if body.rag is None:
+            return messages, None
+        from ..rag.service import last_user_text, with_context
+
+        try:
+            question = last_user_text(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages", "rag_messages") from None
+        hits = await rag_search(body.rag.collection, question, body.rag.top_k, body.rag.retriever,
+                                body.rag.sources, "rag.")
+        return with_context(messages, hits), hits
+
+    def rag_fields(texts, hits) -> dict:
+        if hits is None:
+            return {}
+        from ..rag.service import response_fields
+
+        return response_fields(texts, hits)
+
+    @app.post("/v1/rag/search")
+    async def rag_search_route(body: RagSearchRequest, key: ApiKey = Depends(key_of)):
+        """tunekit extension: the best chunks of a collection for a query (no generation)."""
+        hits = await rag_search(body.collection, body.query, body.top_k, body.retriever, body.sources)
+        return {"object": "list", "collection": body.collection, "retriever": body.retriever,
+                "data": [{"object": "rag.chunk", **h.to_dict()} for h in hits]}
+
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request, key: ApiKey = Depends(key_of)):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         check_model(key, body.model)
+        messages, hits = await rag_context(body, messages, key)
         try:
             prompt = engine.encode_chat(messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects this conversation is the caller's error
@@ -313,7 +359,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                 chunk = sse_chunker(rid, "chat.completion.chunk", created, body.model)
                 for i in range(body.n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
+                                  "logprobs": None, "finish_reason": None}], **rag_fields(None, hits))
                 async for i, ev in events(request, seqs, queue):
                     if ev.finish_reason == "error" or ev.finish_reason == "abort":
                         yield "data: " + json.dumps(error_body(ev.error or "request aborted", "server_error")) + "\n\n"
@@ -337,6 +383,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                     "logprobs": chat_logprobs(tok, lps[i]) if body.logprobs else None, "finish_reason": reasons[i]}
                    for i in range(body.n)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                **rag_fields(texts, hits),
                 "choices": choices, "usage": usage(len(prompt) * body.n, sum(len(s.output_ids) for s in seqs))}
 
     @app.post("/v1/completions")

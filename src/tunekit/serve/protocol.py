@@ -55,12 +55,26 @@ class _Sampling(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class RagOptions(BaseModel):
+    """tunekit extension (`extra_body={"rag": {...}}`): retrieve from a collection and answer with citations."""
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error naming it, not silently ignored
+    collection: str = Field(min_length=1, max_length=63)
+    top_k: int = Field(5, ge=1, le=50)
+    retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    sources: list[str] | None = Field(None, description="only chunks of these sources")
+
+
+class RagSearchRequest(RagOptions):
+    query: str = Field(min_length=1)
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    rag: RagOptions | None = None
 
 
 class CompletionRequest(_Sampling):
