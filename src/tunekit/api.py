@@ -25,8 +25,9 @@ def train(config: Config | str | Path | dict | None = None, **overrides: Any):
     """Fine-tune. `config` is a Config, a YAML path, or a nested dict; `overrides` use dotted keys
     (pass them as `**{"method.r": 8}`). Returns a TrainResult."""
     from .engine import train as run
+    from .privacy.scan import apply_pii_policy
 
-    return run(_config(config, overrides))
+    return run(apply_pii_policy(_config(config, overrides)))
 
 
 def distill(config: Config | str | Path | dict | None = None, **overrides: Any):

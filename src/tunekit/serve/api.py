@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
@@ -92,8 +93,10 @@ class BodyLimit:
 
 
 def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, embedder: Embedder | None = None,
-              limits: Limits | None = None,
+              limits: Limits | None = None, request_log=None, erasure_stores: dict | None = None,
               rag=None) -> FastAPI:
+    """request_log: a tunekit.privacy.requestlog.RequestLog (None: nothing is logged); erasure_stores: extra
+    {name: fn(user) -> count} that DELETE /v1/admin/users/{id}/data clears besides the log store."""
     metrics = metrics or engine.metrics or Metrics()
     engine.metrics = engine.metrics or metrics
     for name in [engine.model_name, *engine.adapters]:  # listed from the start, also while idle
@@ -111,6 +114,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
+        request.state.log_error = e.message
         return _error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -121,6 +125,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
             return _error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                                    None, "invalid_json")
         param = ".".join(loc) or None
+        request.state.log_error = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
         return _error_response(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param,
                                first.get("type"))
 
@@ -128,9 +133,23 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
     async def _http(request, e: StarletteHTTPException):
         return _error_response(e.status_code, str(e.detail), None, None)
 
+    def log_request(request: Request, status: int, **done) -> None:
+        """One request-log row (queued: the writer thread redacts and stores it off the request path)."""
+        if request_log is None:
+            return
+        note = {**getattr(request.state, "log", {}), **done}
+        user = note.pop("user", None) or request.headers.get("x-user-id")
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template: no ids from the URL
+        request_log.record(key_id=getattr(request.state, "key_name", None), user=user, route=route, status=status,
+                           latency_ms=1000 * (time.perf_counter() - request.state.t0),
+                           error=getattr(request.state, "log_error", None), **note)
+
     @app.middleware("http")
     async def _count(request: Request, call_next):
+        request.state.t0 = time.perf_counter()
         response = await call_next(request)
+        if request.url.path.startswith("/v1/") and not getattr(request.state, "log_deferred", False):
+            log_request(request, response.status_code)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         if response.status_code >= 400:
@@ -145,6 +164,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         key = keys.lookup(token.strip() if scheme.lower() == "bearer" else None)
         if key is None:
             raise ApiError(401, "invalid API key", None, "invalid_api_key")
+        request.state.key_name = key.name
         wait = keys.take(key)
         if wait is not None:
             raise ApiError(429, f"rate limit of {key.rate_limit:g} requests per minute reached for this key",
@@ -296,6 +316,41 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         except SchemaError as e:
             raise ApiError(400, str(e), e.param, "invalid_response_format") from None
 
+    def log_answer(request: Request, texts: list[str], prompt_tokens: int, seqs) -> None:
+        if request_log is not None:
+            request.state.log.update(answer=texts[0] if len(texts) == 1 else texts, prompt_tokens=prompt_tokens,
+                                     completion_tokens=sum(len(s.output_ids) for s in seqs))
+
+    async def logged_stream(request: Request, chunks, seqs, prompt_tokens: int):
+        """The SSE stream, logged once it ends (the answer as the sequences' decoded outputs)."""
+        status = 200
+        try:
+            async for c in chunks:
+                yield c
+        except BaseException:
+            status = 499
+            raise
+        finally:
+            if request_log is not None:
+                tok = engine.tokenizer
+                texts = [tok.decode(s.output_ids, skip_special_tokens=True) for s in seqs]
+                log_answer(request, texts, prompt_tokens, seqs)
+                log_request(request, status)
+
+    @app.delete("/v1/admin/users/{user_id}/data")
+    async def erase_user(user_id: str, key: ApiKey = Depends(admin_of)):
+        """GDPR Art. 17: every row of this user in the log store and the derived stores; counts per store."""
+        if request_log is None:
+            raise ApiError(404, "this server keeps no request log (--log off)", None, "no_request_log")
+        await run_in_threadpool(request_log.flush)  # rows of this user still queued are erased too
+        counts = await run_in_threadpool(request_log.store.erase_user, user_id, key.name, erasure_stores)
+        return {"object": "erasure", "deleted": True, "counts": counts}
+
+    @app.get("/v1/admin/logs")
+    async def log_stats(key: ApiKey = Depends(admin_of)):
+        """The request log's state: mode, rows written, dropped (queue full while the store was away), queued."""
+        return {"object": "request_log", **(request_log.stats() if request_log is not None else {"mode": "off"})}
+
     async def rag_search(collection: str, query: str, top_k: int, method: str, sources, prefix: str = ""):
         """Retrieval on the engine thread (the query embedding is torch work); RagError -> 4xx naming `prefix`+param."""
         from ..rag.errors import RagError
@@ -339,6 +394,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         check_model(key, body.model)
+        request.state.log = {"model": body.model, "user": body.user, "prompt": messages}
         messages, hits = await rag_context(body, messages, key)
         try:
             prompt = engine.encode_chat(messages)
@@ -374,11 +430,14 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                     yield chunk([], usage=usage(len(prompt) * body.n, sum(len(s.output_ids) for s in seqs)))
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
+            request.state.log_deferred = True
+            return StreamingResponse(logged_stream(request, stream(), seqs, len(prompt) * body.n),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, lps, reasons = await collect(request, seqs, queue)
         if any(r is None for r in reasons):
             return Response(status_code=499)  # the client went away; nobody reads this
+        log_answer(request, texts, len(prompt) * body.n, seqs)
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": chat_logprobs(tok, lps[i]) if body.logprobs else None, "finish_reason": reasons[i]}
                    for i in range(body.n)]
@@ -390,6 +449,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
     async def completions(body: CompletionRequest, request: Request, key: ApiKey = Depends(key_of)):
         check_model(key, body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        request.state.log = {"model": body.model, "user": body.user, "prompt": body.prompt}
         if not texts or any(not t for t in texts):
             raise ApiError(400, "prompt: give a non-empty string or list of strings", "prompt", "empty_prompt")
         prompts = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -418,10 +478,13 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
                     yield chunk([], usage=usage(sum(len(p) for _, p in flat), sum(len(s.output_ids) for s in seqs)))
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            request.state.log_deferred = True
+            return StreamingResponse(logged_stream(request, stream(), seqs, sum(len(p) for _, p in flat)),
+                                     media_type="text/event-stream")
         out, lps, reasons = await collect(request, seqs, queue)
         if any(r is None for r in reasons):
             return Response(status_code=499)
+        log_answer(request, out, sum(len(p) for _, p in flat), seqs)
         choices = [{"index": i, "text": prefix[i] + out[i], "finish_reason": reasons[i],
                     "logprobs": completion_logprobs(tok, lps[i], len(prefix[i])) if body.logprobs is not None
                     else None} for i in range(len(seqs))]

@@ -53,7 +53,9 @@ def client_snippet(url: str, model: str) -> str:
 
 def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
         api_keys: str | None = None, embedding_model: str | None = None, print_vllm: bool = False,
-        pin: list[str] | None = None, max_body_bytes: int = 1 << 20, max_tokens: int = 2048) -> int:
+        pin: list[str] | None = None, max_body_bytes: int = 1 << 20, max_tokens: int = 2048,
+        log: str = "metadata", log_db: str | None = None, retention_days: float | None = None,
+        log_full_consent: bool = False) -> int:
     import uvicorn
 
     from .api import Limits, build_app
@@ -67,6 +69,7 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
               "float32): torch's int8 weight kernel is 4-40x slower than float32 linears there (measured on SmolLM2's "
               "shapes, docs/serving.md); it saves memory, not time", file=sys.stderr, flush=True)
     metrics = Metrics()
+    request_log = open_request_log(log, log_db, retention_days, log_full_consent, metrics.registry)  # fails early
     print(f"[tunekit] loading {opts.model} ...", file=sys.stderr, flush=True)
     engine = Engine(opts, metrics=metrics)
     for name, path in (adapter_folders(adapters_dir) if adapters_dir else {}).items():
@@ -85,7 +88,8 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     if not keys.keys:
         generated = keys.generate()
     app = build_app(engine, keys, metrics, Embedder(embedding_model), Limits(max_body_bytes=max_body_bytes,
-                                                                              max_tokens=max_tokens))
+                                                                              max_tokens=max_tokens),
+                    request_log=request_log)
     url = f"http://{host}:{port}"
     print(f"\ntunekit serve: {url}  (base {engine.model_name}, {str(engine.dtype).replace('torch.', '')}"
           f"{', int8 weights' if opts.quantize else ''}; {len(engine.adapters)} adapter(s): "
@@ -111,4 +115,28 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if request_log is not None:
+            st = request_log.close()
+            print(f"[tunekit] request log: {st['written']} row(s) written, {st['dropped']} dropped", file=sys.stderr,
+                  flush=True)
     return 0 if server.started else 1
+
+
+def open_request_log(mode: str, url: str | None, retention_days: float | None, full_consent: bool, registry):
+    """The request log of `tunekit serve --log MODE` (None for off); an unreachable store is an error here."""
+    if mode == "off":
+        return None
+    from ..privacy.logstore import LogStore, LogStoreError, redact_url
+    from ..privacy.requestlog import RequestLog
+
+    if mode == "full":
+        if not full_consent:
+            raise LogStoreError("--log full stores prompts and answers with their personal data unredacted; add "
+                                "--log-full-consent to confirm that this deployment has a lawful basis for it "
+                                "(or use --log redacted)")
+        print("[tunekit] WARNING: --log full: prompts and answers are stored as sent, personal data included",
+              file=sys.stderr, flush=True)
+    store = LogStore(url)
+    print(f"[tunekit] request log: {mode} -> {redact_url(store.url)}"
+          f"{f', rows kept {retention_days:g} days' if retention_days else ''}", file=sys.stderr, flush=True)
+    return RequestLog(store, mode, retention_days=retention_days, registry=registry)
