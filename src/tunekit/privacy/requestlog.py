@@ -1,0 +1,169 @@
+"""Request logging off the request path: a bounded queue, one writer thread, batches in one transaction each.
+
+The HTTP side calls `RequestLog.record(...)`, which only puts a dict on a queue (never blocks, never touches the
+database). The writer thread takes up to `batch` rows, redacts them (the redactor runs here, not on the request
+path), and inserts them in one transaction; a batch is acknowledged only once committed (SQLite in WAL mode,
+PostgreSQL transactions), so a crash loses at most the rows still queued, never a committed one. When the database
+goes away the batch is kept and retried with backoff while new rows queue up to `max_queue`; rows past the bound
+are dropped and counted (`dropped`, the tunekit_log_rows_dropped Prometheus counter, a warning on stderr), never
+silently. A periodic purge applies `retention_days`.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+from .logstore import LOG_MODES, LogStore
+from .redactor import Redactor, shared_redactor
+
+
+def _say(msg: str) -> None:
+    print(f"[tunekit] {msg}", file=sys.stderr, flush=True)
+
+
+class RequestLog:
+    def __init__(self, store: LogStore, mode: str = "metadata", redactor: Redactor | None = None,
+                 max_queue: int = 10_000, batch: int = 256, flush_seconds: float = 0.2,
+                 retention_days: float | None = None, purge_every_s: float = 3600.0, registry=None):
+        if mode not in LOG_MODES or mode == "off":
+            raise ValueError(f"log mode {mode!r}: one of metadata, redacted, full")
+        self.store, self.mode, self.batch, self.flush_seconds = store, mode, batch, flush_seconds
+        self._redactor = redactor  # loaded on the writer thread on first use (~1-10 s: spaCy), not at start
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.retention_days, self.purge_every_s = retention_days, purge_every_s
+        self.written = self.dropped = self.failed_batches = self.purged = 0
+        self.last_error: str | None = None
+        self._pending: list[dict] = []
+        self._stop = threading.Event()
+        self._warned_drop = 0.0
+        self._metrics = None
+        if registry is not None:
+            from prometheus_client import Counter, Gauge
+
+            self._metrics = (Counter("tunekit_log_rows_written", "Request-log rows committed", registry=registry),
+                             Counter("tunekit_log_rows_dropped", "Request-log rows dropped: queue full while the "
+                                     "store was unreachable", registry=registry),
+                             Gauge("tunekit_log_queue_depth", "Request-log rows waiting to be written",
+                                   registry=registry))
+            self._metrics[2].set_function(lambda: self.queue.qsize() + len(self._pending))
+        self.thread = threading.Thread(target=self._run, name="tunekit-request-log", daemon=True)
+        self.thread.start()
+
+    # the request path: O(1), never blocks
+    def record(self, *, key_id: str | None, user: str | None, model: str | None, route: str, status: int,
+               latency_ms: float, prompt_tokens: int | None = None, completion_tokens: int | None = None,
+               error: str | None = None, prompt=None, answer=None) -> bool:
+        row = {"created_at": datetime.now(timezone.utc), "key_id": key_id, "user": user, "model": model,
+               "route": route, "status": status, "latency_ms": int(latency_ms), "prompt_tokens": prompt_tokens,
+               "completion_tokens": completion_tokens, "error": error, "prompt": prompt, "answer": answer}
+        try:
+            self.queue.put_nowait(row)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self._metrics:
+                self._metrics[1].inc()
+            now = time.monotonic()
+            if now - self._warned_drop > 10:
+                self._warned_drop = now
+                _say(f"warning: request log queue full ({self.queue.maxsize} rows; store: {self.last_error or 'slow'}"
+                     f"): {self.dropped} row(s) dropped so far")
+            return False
+
+    # the writer thread
+    def _prepare(self, row: dict) -> dict:
+        """What the store keeps of a request: the user as a pseudonym, text redacted (mode full: prompt/answer
+        as given)."""
+        text = lambda v: v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
+        if self._redactor is None:
+            self._redactor = shared_redactor()
+        red = self._redactor.redact
+        out = {k: row[k] for k in ("created_at", "key_id", "route", "status", "latency_ms", "prompt_tokens",
+                                   "completion_tokens")}
+        out["user_ref"] = self.store.user_ref(row["user"])
+        out["model"] = red(row["model"]) if row["model"] else None
+        out["error"] = red(row["error"]) if row["error"] else None
+        out["log_mode"] = self.mode
+        keep_text = self.mode in ("redacted", "full")
+        out["prompt"] = (text(row["prompt"]) if self.mode == "full" else red(text(row["prompt"]))) \
+            if keep_text and row["prompt"] is not None else None
+        out["answer"] = (text(row["answer"]) if self.mode == "full" else red(text(row["answer"]))) \
+            if keep_text and row["answer"] is not None else None
+        return out
+
+    def _take(self, timeout: float) -> list[dict]:
+        rows = []
+        try:
+            rows.append(self.queue.get(timeout=timeout))
+            while len(rows) < self.batch:
+                rows.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        return rows
+
+    def _run(self) -> None:
+        backoff, next_purge = 0.1, time.monotonic()
+        while True:
+            if not self._pending:
+                stopping = self._stop.is_set()
+                self._pending = [self._prepare(r) for r in self._take(0.0 if stopping else self.flush_seconds)]
+                if not self._pending and stopping:
+                    return
+            if self._pending:
+                try:
+                    self.written += self.store.insert_rows(self._pending)
+                    if self._metrics:
+                        self._metrics[0].inc(len(self._pending))
+                    if self.last_error:
+                        _say(f"request log store is back: {len(self._pending)} queued row(s) written")
+                    self._pending, self.last_error, backoff = [], None, 0.1
+                except Exception as e:  # noqa: BLE001 - the store went away: keep the batch, retry
+                    self.failed_batches += 1
+                    if self.last_error is None:
+                        _say(f"warning: request log store unreachable ({type(e).__name__}); rows are queued "
+                             f"(at most {self.queue.maxsize}) and written when it returns")
+                    self.last_error = type(e).__name__
+                    if self._stop.is_set():
+                        if time.monotonic() > self._give_up_at:
+                            self.dropped += len(self._pending) + self.queue.qsize()
+                            _say(f"request log: store still unreachable at shutdown; {self.dropped} row(s) dropped")
+                            return
+                        time.sleep(backoff)
+                    else:
+                        self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            if self.retention_days and time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.purge_every_s
+                try:
+                    self.purged += self.store.purge(self.retention_days)
+                except Exception as e:  # noqa: BLE001
+                    self.last_error = type(e).__name__
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued row is committed (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while (self.queue.qsize() or self._pending) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(self.flush_seconds)  # the row the writer holds between get() and commit
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not (self.queue.qsize() or self._pending)
+
+    def close(self, timeout: float = 10.0) -> dict:
+        """Write what is queued (giving an unreachable store `timeout` seconds), stop the thread, report."""
+        self._give_up_at = time.monotonic() + timeout
+        self._stop.set()
+        self.thread.join(timeout + 5)
+        return self.stats()
+
+    def stats(self) -> dict:
+        return {"mode": self.mode, "written": self.written, "dropped": self.dropped, "queued": self.queue.qsize()
+                + len(self._pending), "failed_batches": self.failed_batches, "purged": self.purged,
+                "store_error": self.last_error}
+
+    _give_up_at = float("inf")
