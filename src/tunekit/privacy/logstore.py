@@ -111,16 +111,17 @@ def upgrade(engine) -> None:
 class LogStore:
     """Read/write access to one log database. Thread-safe (SQLAlchemy's pool; short transactions)."""
 
-    def __init__(self, url: str | None = None, migrate: bool = True):
+    def __init__(self, url: str | None = None, migrate: bool = True, timeout: float = 30.0):
         self.url = normalise_url(url or default_url())
         kwargs = {}
         if self.url.startswith("sqlite:///"):
             path = Path(self.url[len("sqlite:///"):])
             if str(path) not in ("", ":memory:"):
                 path.parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            kwargs["connect_args"] = {"timeout": timeout, "check_same_thread": False}
         else:
             kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"connect_timeout": max(1, int(timeout))}
         try:
             self.engine = create_engine(self.url, **kwargs)
         except (SQLAlchemyError, ImportError, ValueError) as e:
@@ -131,7 +132,7 @@ class LogStore:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; a crash keeps commits
                 cur.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
-                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
                 cur.close()
         try:
             if migrate:

@@ -46,6 +46,25 @@ class OfflineEmailRecognizer(EmailRecognizer):
     def validate_result(self, pattern_text: str):
         return offline_tld_extractor()(pattern_text.rsplit("@", 1)[-1]).fqdn != ""
 
+    def analyze(self, text, entities, nlp_artifacts=None, regex_flags=None):
+        results = super().analyze(text, entities, nlp_artifacts, regex_flags)
+        seen = {(r.start, r.end) for r in results}
+        # an address glued to following letters ("jan@example.nlgroups": a model's tokens after an echoed prompt):
+        # the longest known suffix at the start of the last label ends the address
+        for m in re.finditer(self.PATTERNS[0].regex, text):
+            if any(s <= m.start() < e for s, e in seen):
+                continue
+            value = m.group()
+            head, _, last = value.rpartition(".")
+            for k in range(len(last) - 1, 1, -1):
+                if self.validate_result(f"{head}.{last[:k]}") and \
+                        offline_tld_extractor()(f"{head.rsplit('@', 1)[-1]}.{last[:k]}").suffix.endswith(last[:k]):
+                    end = m.start() + len(head) + 1 + k
+                    results.append(RecognizerResult("EMAIL_ADDRESS", m.start(), end, 1.0,
+                                                    AnalysisExplanation(type(self).__name__, 1.0)))
+                    break
+        return results
+
 
 # a digit run glued to letters/hyphen before it (ORD-061..., INV0612...) or introduced by an order/reference word
 _REFERENCE_BEFORE = re.compile(
@@ -54,6 +73,7 @@ _REFERENCE_BEFORE = re.compile(
     r"n°|nr\.?|no\.?|ticket)\s*(?:number|nummer|numéro|no\.?|nr\.?|n°)?\s*[:#]?\s*)$", re.IGNORECASE)
 
 
+_GLUED_LETTER = re.compile(r"(?<=\d)[^\W\d_]")
 _DATE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4})$")
 _MONEY_BEFORE = re.compile(r"(?:€|eur|gbp|chf|usd|\$|£)\s*[\d.,]*$", re.IGNORECASE)
 
@@ -98,8 +118,11 @@ class EuPhoneRecognizer(PhoneRecognizer):
         found = {}
         if len(re.findall(r"\d", text)) < 7:  # no EU number has fewer digits; skips 32 matcher passes
             return []
+        # libphonenumber refuses a number glued to letters ("+49 30 12345678abc", as a model's tokens can follow
+        # an echoed prompt); match on a same-length copy with such letters blanked, check context on the original
+        shadow = _GLUED_LETTER.sub(" ", text)
         for region in self.supported_regions:
-            for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=self.leniency):
+            for match in phonenumbers.PhoneNumberMatcher(shadow, region, leniency=self.leniency):
                 if _not_a_phone(text, match.start, match.end):
                     continue
                 found.setdefault((match.start, match.end), match)

@@ -37,6 +37,8 @@ class RequestLog:
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.retention_days, self.purge_every_s = retention_days, purge_every_s
         self.written = self.dropped = self.failed_batches = self.purged = 0
+        self.accepted = self.lost = 0  # rows put on the queue; of those, dropped at shutdown (store still away)
+        self._count_lock = threading.Lock()
         self.last_error: str | None = None
         self._pending: list[dict] = []
         self._stop = threading.Event()
@@ -55,14 +57,16 @@ class RequestLog:
         self.thread.start()
 
     # the request path: O(1), never blocks
-    def record(self, *, key_id: str | None, user: str | None, model: str | None, route: str, status: int,
-               latency_ms: float, prompt_tokens: int | None = None, completion_tokens: int | None = None,
+    def record(self, *, route: str, status: int, latency_ms: float, key_id: str | None = None,
+               user: str | None = None, model: str | None = None, prompt_tokens: int | None = None, completion_tokens: int | None = None,
                error: str | None = None, prompt=None, answer=None) -> bool:
         row = {"created_at": datetime.now(timezone.utc), "key_id": key_id, "user": user, "model": model,
                "route": route, "status": status, "latency_ms": int(latency_ms), "prompt_tokens": prompt_tokens,
                "completion_tokens": completion_tokens, "error": error, "prompt": prompt, "answer": answer}
         try:
             self.queue.put_nowait(row)
+            with self._count_lock:
+                self.accepted += 1
             return True
         except queue.Full:
             self.dropped += 1
@@ -130,7 +134,9 @@ class RequestLog:
                     self.last_error = type(e).__name__
                     if self._stop.is_set():
                         if time.monotonic() > self._give_up_at:
-                            self.dropped += len(self._pending) + self.queue.qsize()
+                            lost = len(self._pending) + self.queue.qsize()
+                            self.dropped += lost
+                            self.lost += lost
                             _say(f"request log: store still unreachable at shutdown; {self.dropped} row(s) dropped")
                             return
                         time.sleep(backoff)
@@ -147,12 +153,10 @@ class RequestLog:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued row is committed (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while (self.queue.qsize() or self._pending) and time.monotonic() < deadline:
+        target = self.accepted
+        while self.written + self.lost < target and time.monotonic() < deadline and self.thread.is_alive():
             time.sleep(0.02)
-        time.sleep(self.flush_seconds)  # the row the writer holds between get() and commit
-        while self._pending and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return not (self.queue.qsize() or self._pending)
+        return self.written + self.lost >= target
 
     def close(self, timeout: float = 10.0) -> dict:
         """Write what is queued (giving an unreachable store `timeout` seconds), stop the thread, report."""

@@ -484,7 +484,7 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         out, lps, reasons = await collect(request, seqs, queue)
         if any(r is None for r in reasons):
             return Response(status_code=499)
-        log_answer(request, out, sum(len(p) for _, p in flat), seqs)
+        log_answer(request, [p + o for p, o in zip(prefix, out)], sum(len(p) for _, p in flat), seqs)  # as sent
         choices = [{"index": i, "text": prefix[i] + out[i], "finish_reason": reasons[i],
                     "logprobs": completion_logprobs(tok, lps[i], len(prefix[i])) if body.logprobs is not None
                     else None} for i in range(len(seqs))]

@@ -1,0 +1,181 @@
+"""The request-log store and its writer on SQLite and a real PostgreSQL (tests/postgres_server.py): migrations,
+the queue + batch writer, redaction before storage, retention, erasure with audit, export, bad stores."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from postgres_server import postgres_url  # noqa: F401
+from tunekit.privacy.errors import PrivacyError
+
+RAW = ["jan.devries@example.nl", "NL91ABNA0417164300", "4111 1111 1111 1111", "+49 30 12345678", "Jan de Vries"]
+PII_PROMPT = ("Hallo, met Jan de Vries, mail jan.devries@example.nl, IBAN NL91ABNA0417164300, kaart "
+              "4111 1111 1111 1111, bel +49 30 12345678")
+
+
+@pytest.fixture(scope="module")
+def redactor():
+    from tunekit.privacy.redactor import shared_redactor
+
+    return shared_redactor()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'logs.db'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    from tunekit.privacy.logstore import normalise_url
+
+    eng = create_engine(normalise_url(url))
+    with eng.begin() as c:  # a fresh schema state per test: the tables are ours alone
+        for t in ("request_log", "erasure_audit", "log_exports", "log_meta", "alembic_version"):
+            c.execute(text(f"drop table if exists {t} cascade"))
+    eng.dispose()
+    return url
+
+
+def all_text(store) -> str:
+    """Every column of every row of every table, as one string (what a leak check must search)."""
+    from sqlalchemy import text
+
+    out = []
+    with store.engine.connect() as c:
+        for t in ("request_log", "erasure_audit", "log_exports", "log_meta"):
+            out += [json.dumps([str(v) for v in r], ensure_ascii=False) for r in c.execute(text(f"select * from {t}"))]
+    return "\n".join(out)
+
+
+def test_migrations_and_reopen(store_url):
+    from sqlalchemy import inspect, text
+
+    from tunekit.privacy.logstore import LogStore
+
+    s = LogStore(store_url)
+    names = set(inspect(s.engine).get_table_names())
+    assert {"request_log", "erasure_audit", "log_exports", "log_meta", "alembic_version"} <= names
+    with s.engine.connect() as c:
+        assert c.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
+        if s.engine.dialect.name == "sqlite":
+            assert c.execute(text("pragma journal_mode")).scalar_one() == "wal"
+    ref = s.user_ref("alice@example.com")
+    s.dispose()
+    again = LogStore(store_url)  # migrations are idempotent, the pseudonym salt persists
+    assert again.user_ref("alice@example.com") == ref and len(ref) == 64
+
+
+def test_writer_redacts_and_batches(store_url, redactor, monkeypatch):
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.privacy.requestlog import RequestLog
+
+    monkeypatch.delenv("TUNEKIT_PII_SECRET", raising=False)
+    store = LogStore(store_url)
+    logs = {m: RequestLog(store, m, redactor=redactor, batch=64) for m in ("metadata", "redacted")}
+
+    def client(i):
+        for mode, log in logs.items():
+            log.record(key_id="team-a", user="jan.devries@example.nl", model="ad-r4", route="/v1/chat/completions",
+                       status=200, latency_ms=12.5, prompt_tokens=30, completion_tokens=5,
+                       prompt=[{"role": "user", "content": PII_PROMPT}], answer=f"ok {i}, Jan de Vries")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for log in logs.values():
+        assert log.flush()
+        assert log.close()["written"] == 100
+    rows = store.rows("jan.devries@example.nl")
+    assert len(rows) == 200 and store.count() == 200
+    meta = [r for r in rows if r["log_mode"] == "metadata"]
+    red = [r for r in rows if r["log_mode"] == "redacted"]
+    assert all(r["prompt"] is None and r["answer"] is None for r in meta)
+    assert all("<EMAIL>" in r["prompt"] and "<IBAN>" in r["prompt"] and "<CARD>" in r["prompt"] for r in red)
+    assert all(r["user_ref"] == store.user_ref("jan.devries@example.nl") for r in rows)
+    dump = all_text(store)
+    for raw in RAW:
+        assert raw not in dump
+
+
+def test_retention_purge(store_url):
+    from tunekit.privacy.logstore import LogStore, request_log
+
+    store = LogStore(store_url)
+    now = datetime.now(timezone.utc)
+    store.insert_rows([{"created_at": now - timedelta(days=d), "status": 200, "route": "/v1/completions"}
+                       for d in (40, 31, 29, 1, 0)])
+    assert store.purge(30) == 2 and store.count() == 3
+    assert request_log.c.created_at.index  # purge and retention use the index
+
+
+def test_erase_export_and_audit(store_url, tmp_path):
+    from tunekit.cli import main
+    from tunekit.privacy.logstore import LogStore
+
+    store = LogStore(store_url)
+    now = datetime.now(timezone.utc)
+    store.insert_rows([{"created_at": now, "user_ref": store.user_ref(u), "status": 200, "prompt": f"p{i}"}
+                       for i, u in enumerate(["u-1", "u-1", "u-2"])])
+    out = tmp_path / "u-1.jsonl"
+    assert main(["logs", "export", "--db", store_url, "--user", "u-1", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["p0", "p1"] and "user_ref" not in lines[0]
+    counts = store.erase_user("u-1", actor="admin-key", extra_stores={"rag": lambda user: 0})
+    assert counts == {"request_log": 2, "exported_jsonl": 1, "rag": 0}
+    assert not out.exists() and store.count() == 1 and store.rows("u-1") == []
+    audit = store.audit()
+    assert len(audit) == 1 and audit[0]["actor"] == "admin-key" and audit[0]["counts"] == counts
+    assert "u-1" not in all_text(store)  # the audit names a pseudonym, never the id
+    assert main(["logs", "erase", "--db", store_url, "--user", "u-2"]) == 0
+    assert main(["logs", "purge", "--db", store_url, "--days", "0"]) == 0
+    assert store.count() == 0 and len(store.audit()) == 2
+
+
+def test_unreachable_store_is_a_clear_error_unless_logging_is_off(tmp_path):
+    from tunekit.serve.server import open_request_log
+
+    bad = f"postgresql://nobody@/nodb?host={tmp_path / 'no-socket-here'}"
+    with pytest.raises(PrivacyError, match="(?s)cannot be reached.*--log off"):
+        open_request_log("metadata", bad, None, False, None)
+    assert open_request_log("off", bad, None, False, None) is None
+    with pytest.raises(PrivacyError, match="--log-full-consent"):
+        open_request_log("full", f"sqlite:///{tmp_path / 'x.db'}", None, False, None)
+    from tunekit.privacy.logstore import redact_url
+
+    assert "secret" not in redact_url("postgresql://u:secret@h/db")
+
+
+def test_store_away_rows_queue_bounded_and_drops_are_counted(tmp_path, redactor):
+    """SQLite held under an exclusive lock by another process = a store that went away: requests keep being
+    recorded without blocking, the queue holds what fits, the rest is counted, everything queued lands later."""
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.privacy.requestlog import RequestLog
+
+    path = tmp_path / "logs.db"
+    store = LogStore(f"sqlite:///{path}", timeout=0.2)
+    log = RequestLog(store, "metadata", redactor=redactor, max_queue=50, batch=10, flush_seconds=0.05)
+    blocker = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    import time
+
+    t0 = time.perf_counter()
+    for i in range(200):
+        log.record(key_id="k", user=f"u{i}", model="m", route="/v1/completions", status=200, latency_ms=1)
+        time.sleep(0.002)
+    record_s = time.perf_counter() - t0
+    stats = log.stats()
+    assert stats["dropped"] > 0 and stats["store_error"] and stats["queued"] <= 60
+    assert record_s < 5  # record() never waited for the database
+    blocker.execute("COMMIT")
+    blocker.close()
+    assert log.flush(timeout=30)
+    final = log.close()
+    assert final["written"] + final["dropped"] == 200 and store.count() == final["written"]
