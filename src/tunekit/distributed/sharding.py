@@ -9,8 +9,12 @@ means the same on any world size that divides the global batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..config import ConfigError
-from ..engine.batching import Batch, BatchStream
+
+if TYPE_CHECKING:  # engine/loop.py imports this module: no engine import at run time
+    from ..engine.batching import Batch, BatchStream
 
 
 def global_batch(batch_size: int, grad_accum: int) -> int:

@@ -36,9 +36,16 @@ class LossForward(nn.Module):
         self.__dict__["_objective"] = objective  # not registered: a teacher model inside it never trains
         self.__dict__["_method"] = method
 
-    def forward(self, batch):
+    def forward(self, batch, gold: bool = False):
+        """(summed loss, {part: value}) of the objective; gold=True: (summed cross-entropy, targets), the
+        evaluation loss (engine/objective.gold_loss_sum)."""
         method = self._method
-        return self._objective.loss_sum(self.model, method, method.lm_head(self.model), batch)
+        head = method.lm_head(self.model)
+        if gold:
+            from ..engine.objective import gold_loss_sum  # here: engine/loop.py imports this module
+
+            return gold_loss_sum(self.model, method, head, batch)
+        return self._objective.loss_sum(self.model, method, head, batch)
 
 
 def decoder_layers(method, model: nn.Module) -> list[nn.Module]:
@@ -108,15 +115,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(full() if full else norm)
 
 
-@contextlib.contextmanager
-def gathered_for_eval(forward: nn.Module, ctx: DistContext):
-    """FSDP2 gathers the root's parameters (embeddings, norm, head) in the root's forward, which evaluation does
-    not go through; gather them for its duration (the layers gather themselves)."""
+def eval_scorer(forward: nn.Module, ctx: DistContext):
+    """How evaluation computes (summed loss, targets) of a batch: under FSDP2 through the root module's forward
+    (only it gathers the embeddings, final norm and head, and it must run before any layer does); None elsewhere
+    (evaluate_loss's plain path)."""
     if ctx.parallel != "fsdp":
-        yield
-        return
-    forward.unshard()
-    try:
-        yield
-    finally:
-        forward.reshard()
+        return None
+    return lambda batch: forward(batch, gold=True)

@@ -42,7 +42,7 @@ from .schedule import build_optimizer, build_scheduler
 from ..distributed.context import DistContext, init_distributed, peer_failure_is_clear, shutdown_distributed
 from ..distributed.sharding import check_world_divides, rank_micro_batches
 from ..distributed.state import load_checkpoint_any_world, save_checkpoint_once, save_result_once
-from ..distributed.wrap import clip_grad_norm, gathered_for_eval, gradient_sync, scaled_for_backward, wrap_for_training
+from ..distributed.wrap import clip_grad_norm, eval_scorer, gradient_sync, scaled_for_backward, wrap_for_training
 
 
 @dataclass
@@ -97,8 +97,10 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_id: int, device, precision) -> float:
-    """Mean loss per target token over `examples` (token-weighted across batches)."""
+def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_id: int, device, precision,
+                  score=None) -> float:
+    """Mean loss per target token over `examples` (token-weighted across batches). `score(batch)` -> (summed
+    loss, targets) replaces gold_loss_sum (FSDP2 evaluates through its root module: distributed/wrap.py)."""
     if not examples:
         return float("nan")
     was_training = model.training
@@ -106,8 +108,9 @@ def evaluate_loss(model, method, examples, batch_size: int, packing: bool, pad_i
     total, count = 0.0, 0
     with torch.no_grad(), autocast(device, precision):
         head = method.lm_head(model)
+        score = score or (lambda b: gold_loss_sum(model, method, head, b))
         for batch in eval_batches(examples, batch_size, packing, pad_id):
-            loss_sum, n = gold_loss_sum(model, method, head, batch.to(device))
+            loss_sum, n = score(batch.to(device))
             total, count = total + float(loss_sum), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -209,8 +212,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     eval_args = (tc.batch_size, packing, pad_id, device, precision)
 
     def validation_loss() -> float:  # every rank evaluates the whole validation set (FSDP2 needs all of them)
-        with gathered_for_eval(forward, ctx):
-            return evaluate_loss(model, method, data.validation, *eval_args)
+        return evaluate_loss(model, method, data.validation, *eval_args, score=eval_scorer(forward, ctx))
 
     start_step, tokens_seen, eval_before, earlier = 0, 0, None, TrainingState(0, {}, {}, 0, {})
     ckpt = latest_checkpoint(run_dir) if tc.resume else None
