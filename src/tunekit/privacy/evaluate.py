@@ -68,6 +68,24 @@ def score(rows: list[dict], redactor: Redactor) -> dict:
             "ms_per_string": 1000 * seconds / max(1, len(rows)), "misses": misses[:200]}
 
 
+class PresidioDefaults:
+    """The baseline: Presidio's own recognizers (predefined registry) with the same small English spaCy model,
+    English only, asked for the same entity types."""
+
+    def __init__(self):
+        from presidio_analyzer import AnalyzerEngine
+
+        from .redactor import _nlp_engine
+
+        self.analyzer = AnalyzerEngine(nlp_engine=_nlp_engine(("en",)), supported_languages=["en"])
+
+    def find(self, text: str, language: str | None = None):
+        from .redactor import Finding
+
+        found = self.analyzer.analyze(text, language="en", entities=list(ENTITIES), score_threshold=0.35)
+        return [Finding(r.entity_type, r.start, r.end, r.score, text[r.start:r.end]) for r in found]
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -124,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-per-language", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/privacy-eval")
-    ap.add_argument("--configs", nargs="*", default=["auto", "auto-holdout", "spacy"])
+    ap.add_argument("--corpus", default="benchmarks/privacy/corpus.jsonl", help="where the generated corpus goes")
+    ap.add_argument("--configs", nargs="*", default=["auto", "auto-holdout", "spacy", "lexicon", "presidio-defaults"])
     args = ap.parse_args(argv)
     rows = generate(args.n_per_language, args.seed)
-    write_jsonl(rows, Path(args.out).parent / "privacy-corpus.jsonl")
+    write_jsonl(rows, Path(args.corpus))
     results = {}
     for name in args.configs:
         names, holdout = name.replace("-holdout", ""), name.endswith("-holdout")
-        res = score(rows, Redactor(names=names, holdout=holdout))
+        if name == "presidio-defaults":
+            res = score([r for r in rows if r["lang"] == "en"], PresidioDefaults())
+        else:
+            res = score(rows, Redactor(names=names, holdout=holdout))
         results[name] = res
         print(f"\n## names={name}  ({res['strings']} strings, {res['ms_per_string']:.1f} ms/string)\n")
         print(table(res))
