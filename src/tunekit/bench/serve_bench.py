@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,27 +27,11 @@ from pathlib import Path
 
 import torch
 
+from ..engine.device import cpu_name, isa_label  # noqa: F401  (serve_quality imports them from here)
 from ..engine.energy import EnergyMeter
 
 ADAPTERS = ("inv-a", "inv-b", "inv-c", "inv-d")
 KEY = "sk-bench"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def isa_label() -> str:
-    """What the CPU computes natively, for the tables' headers."""
-    from ..engine.device import cpu_has_bf16
-
-    return "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)"
 
 
 def make_adapters(model: str, root: Path) -> Path:

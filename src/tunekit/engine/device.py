@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import resource
 import sys
 from functools import lru_cache
@@ -168,3 +169,18 @@ def peak_memory_bytes(device: torch.device) -> int:
         return hwm
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def isa_label() -> str:
+    """What the CPU computes natively, for the tables' headers."""
+    return "avx512_bf16" if cpu_has_bf16() else "no native bf16 (fp32)"

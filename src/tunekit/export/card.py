@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import platform
 from pathlib import Path
 
 
@@ -17,26 +16,17 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def write_card(folder: Path, card: dict) -> None:
     """export.json (everything) and EXPORT.md (the same, for people) into folder."""
     from .. import __version__
+    from ..engine.device import cpu_name, isa_label
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("export.json", "EXPORT.md"))
     card["files"] = [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256(p)}
                      for p in files]
     card["tunekit"] = __version__
     card["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    card["cpu"] = cpu_name()
+    card["cpu"] = f"{cpu_name()} ({isa_label()})"
     (folder / "export.json").write_text(json.dumps(card, indent=2) + "\n")
     lines = [f"# tunekit export: {card['format']}", "",
              f"- source run: `{card['source']}` (method {card['method']}, base `{card['base_model']}`)",

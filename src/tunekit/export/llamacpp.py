@@ -28,7 +28,7 @@ def available() -> bool:
 @dataclass
 class Greedy:
     tokens: list[int]  # the greedy continuation, token ids
-    logprobs: list[float]  # llama.cpp's log-probability of each chosen token
+    logprobs: list[float | None]  # llama.cpp's log-probability of each chosen token (None: merged, see greedy)
     tokens_per_s: float  # llama.cpp's own timing of the generation
 
 
@@ -46,6 +46,7 @@ class LlamaCpp:
         params.n_ctx = n_ctx * parallel
         params.n_parallel = parallel
         params.warmup = False
+        params.verbosity = -1  # llama.cpp logs every step to stderr otherwise; errors still raise
         params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
         if lora:
             adapter = xlc.CommonAdapterLoraInfo(lora, lora_scale)
@@ -66,17 +67,24 @@ class LlamaCpp:
         self.server = None  # the server stops when the object is freed
 
     def greedy(self, prompt: list[int], n: int) -> Greedy:
-        """Greedy continuation of token ids, n tokens at most (stops early at an end-of-generation token)."""
-        out = self.server.handle_completions({"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1,
-                                              "n_probs": 1, "cache_prompt": False, "return_tokens": True,
-                                              "samplers": ["top_k"]})
-        if "error" in out:
-            raise LlamaCppError(f"llama.cpp completion failed: {out['error']}")
-        choice = out["choices"][0] if "choices" in out else out
-        content = (choice.get("logprobs") or {}).get("content", [])
-        timings = out.get("timings", {})
-        return Greedy([c["id"] for c in content], [c["logprob"] for c in content],
-                      float(timings.get("predicted_per_second", 0.0)))
+        """Greedy continuation of token ids, n tokens at most (stops early at an end-of-generation token).
+
+        Read from llama.cpp's native /completion route: its `tokens` field lists every generated id, while the
+        probability list merges a token that ends inside a UTF-8 character with the token that completes it (the
+        OpenAI-shaped answer then silently drops ids). Log-probabilities are kept for the tokens that have one."""
+        out = self._post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1,
+                                         "samplers": ["top_k"], "n_probs": 1, "return_tokens": True,
+                                         "cache_prompt": False})
+        tokens = list(out.get("tokens") or [])
+        logprobs: list[float | None] = [None] * len(tokens)
+        i = 0
+        for entry in out.get("completion_probabilities", []):
+            while i < len(tokens) and tokens[i] != entry["id"]:
+                i += 1
+            if i < len(tokens):
+                logprobs[i] = entry["logprob"]
+                i += 1
+        return Greedy(tokens, logprobs, float(out.get("timings", {}).get("predicted_per_second", 0.0)))
 
     def chat(self, messages: list[dict], max_tokens: int, **extra) -> dict:
         out = self.server.handle_chat_completions({"messages": messages, "max_tokens": max_tokens,

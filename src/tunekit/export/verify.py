@@ -97,6 +97,9 @@ def compare_llamacpp(gguf_path: str, reference, tokenizer, chats=PROBE_CHATS, n_
             positions += len(out.tokens)
             identical += int(bool(match.all()))
             ref_lp = logp.gather(1, chosen[:, None])[:, 0]
-            gap = max(gap, float((ref_lp - torch.tensor(out.logprobs)).abs().max()))
+            known = [k for k, lp in enumerate(out.logprobs) if lp is not None]
+            if known:
+                theirs = torch.tensor([out.logprobs[k] for k in known])
+                gap = max(gap, float((ref_lp[known] - theirs).abs().max()))
     return LlamaCppCheck(len(chats), positions, agree / max(positions, 1), identical, gap, template_ok,
                          sum(speeds) / max(len(speeds), 1))
