@@ -9,9 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup tcmalloc debian-faq demo test test-fast clean
+.PHONY: setup tcmalloc debian-faq golang demo test test-fast clean
 
-setup: tcmalloc debian-faq $(VENV)/.installed
+setup: tcmalloc debian-faq golang $(VENV)/.installed
 
 # tcmalloc: the training commands run under it when installed (faster, flat CPU peaks; src/tunekit/allocator.py).
 # Best effort, only as root with apt-get: everything also works with the system's malloc.
@@ -26,6 +26,13 @@ debian-faq:
 	@ls /usr/share/doc/debian/FAQ/debian-faq.nl.txt.gz >/dev/null 2>&1 || ! command -v apt-get >/dev/null \
 	  || [ "$$(id -u)" != 0 ] || { apt-get update -qq && apt-get install -y -q debian-faq debian-faq-fr \
 	  debian-faq-de debian-faq-nl debian-faq-it; } >/dev/null 2>&1 || echo "debian-faq not installed: its tests skip"
+
+# golang: Go's text/template renders the Ollama TEMPLATE that `tunekit export --format ollama` writes, to check it
+# byte for byte against the Jinja chat template (its tests skip without Go). Best effort, only as root with apt-get.
+golang:
+	@command -v go >/dev/null 2>&1 || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+	  || { apt-get update -qq && apt-get install -y -q golang-go; } >/dev/null 2>&1 \
+	  || echo "golang-go not installed: the Ollama template check skips"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
