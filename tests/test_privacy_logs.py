@@ -179,3 +179,30 @@ def test_store_away_rows_queue_bounded_and_drops_are_counted(tmp_path, redactor)
     assert log.flush(timeout=30)
     final = log.close()
     assert final["written"] + final["dropped"] == 200 and store.count() == final["written"]
+
+
+def test_retention_runs_on_the_writer_thread(tmp_path, redactor):
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.privacy.requestlog import RequestLog
+
+    store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    store.insert_rows([{"created_at": datetime.now(timezone.utc) - timedelta(days=10), "status": 200}])
+    log = RequestLog(store, "metadata", redactor=redactor, retention_days=7, purge_every_s=0.05)
+    log.record(route="/v1/completions", status=200, latency_ms=1)
+    assert log.flush()
+    import time
+
+    deadline = time.monotonic() + 10
+    while log.stats()["purged"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.close()["purged"] == 1 and store.count() == 1
+
+
+def test_serve_cli_refuses_full_without_consent_and_an_unreachable_store(tmp_path, capsys):
+    from tunekit.cli import main
+
+    assert main(["serve", "--log", "full", "--log-db", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    assert "--log-full-consent" in capsys.readouterr().err
+    assert main(["serve", "--log-db", f"postgresql://nobody@/nodb?host={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "--log off" in err

@@ -69,7 +69,8 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
               "float32): torch's int8 weight kernel is 4-40x slower than float32 linears there (measured on SmolLM2's "
               "shapes, docs/serving.md); it saves memory, not time", file=sys.stderr, flush=True)
     metrics = Metrics()
-    request_log = open_request_log(log, log_db, retention_days, log_full_consent, metrics.registry)  # fails early
+    request_log = None if print_vllm else open_request_log(log, log_db, retention_days, log_full_consent,
+                                                           metrics.registry)  # a bad store fails before loading
     print(f"[tunekit] loading {opts.model} ...", file=sys.stderr, flush=True)
     engine = Engine(opts, metrics=metrics)
     for name, path in (adapter_folders(adapters_dir) if adapters_dir else {}).items():
