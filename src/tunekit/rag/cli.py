@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--source", action="append", default=None, help="only chunks of this source (repeatable)")
     search.add_argument("--rrf-k", type=int, default=RRF_K, help=f"RRF constant (default {RRF_K})")
+    search.add_argument("--dense-weight", type=float, default=None, help="the dense ranking's weight in hybrid "
+                        "(BM25's is 1; default 2, or 0.25 when the embedding model does not read the language)")
     sub = p.add_subparsers(dest="command", required=True)
 
     i = sub.add_parser("ingest", parents=[store], help="add/update files and folders (txt, md, html, pdf, docx)")
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--questions", required=True, help='JSONL: {"question": ..., "relevant": [doc ids]}')
     e.add_argument("--retrievers", nargs="+", choices=RETRIEVERS, default=list(RETRIEVERS))
     e.add_argument("--rrf-k", type=int, default=RRF_K)
+    e.add_argument("--dense-weight", type=float, default=None)
     e.add_argument("--depth", type=int, default=FUSION_DEPTH, help="how deep each ranking goes into the fusion")
     e.add_argument("--json", dest="json_out", default=None, help="write the results here")
     e.add_argument("--png", default=None, help="write a bar chart here")
@@ -107,7 +110,8 @@ def run(args) -> int:
             print(f"{name}: {info.files} files, {info.chunks} chunks, {info.model} ({info.dim} d), "
                   f"{info.language}, {info.index}")
     elif args.command == "search":
-        hits = _retriever(args).search(args.query, args.retriever, args.top_k, args.source, args.rrf_k)
+        hits = _retriever(args).search(args.query, args.retriever, args.top_k, args.source, args.rrf_k,
+                                       dense_weight=args.dense_weight)
         if args.json:
             print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
         for h in hits if not args.json else []:
@@ -133,7 +137,7 @@ def run(args) -> int:
         from .evaluate import evaluate, plot, read_questions, table
 
         results = evaluate(_retriever(args), read_questions(args.questions), args.retrievers, rrf_k=args.rrf_k,
-                           depth=args.depth)
+                           depth=args.depth, dense_weight=args.dense_weight)
         print(f"{args.collection}: {results['n']} questions")
         print(table(results, args.retrievers))
         if args.json_out:

@@ -104,11 +104,12 @@ def evaluate(retriever: Retriever, questions: list[dict], methods=RETRIEVERS, ch
 
 
 def table(results: dict, methods=RETRIEVERS) -> str:
-    head = f"{'retriever':<9}  " + "  ".join(f"{m:>7}" for m in METRICS) + "  ms/query"
+    width = max(9, *(len(m) for m in methods))
+    head = f"{'retriever':<{width}}  " + "  ".join(f"{m:>7}" for m in METRICS) + "  ms/query"
     lines = [head, "-" * len(head)]
     for method in methods:
         if method in results:
-            lines.append(f"{method:<9}  " + "  ".join(f"{results[method][m]:>7.3f}" for m in METRICS)
+            lines.append(f"{method:<{width}}  " + "  ".join(f"{results[method][m]:>7.3f}" for m in METRICS)
                          + f"  {results['latency_ms'][method]:>8.2f}")
     return "\n".join(lines)
 
