@@ -317,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_serve_quality(argv[2:])
             return 0
+        if argv[:2] == ["bench", "export"]:
+            from .bench.export_bench import main as bench_export
+
+            bench_export(argv[2:])
+            return 0
         if argv[:2] == ["bench", "serve"]:
             from .bench.serve_bench import main as bench_serve
 
