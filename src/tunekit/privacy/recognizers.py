@@ -25,9 +25,12 @@ from presidio_analyzer import (AnalysisExplanation, EntityRecognizer, LocalRecog
                                RecognizerResult)
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, PhoneRecognizer
 
-# EU + EEA + GB + CH: where tunekit's users and their customers are
+# EU + EEA + GB + CH: where tunekit's users and their customers are (phone_regions="eu")
 EU_REGIONS = ("AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV", "LT",
               "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO", "GB", "CH")
+# the default: numbers in national layout are looked for in these (each region is one libphonenumber pass, the
+# bulk of the redactor's time); a number in international layout (+39 ..., 0039 ...) is found whatever its country
+WEST_EU_REGIONS = ("GB", "IE", "NL", "BE", "LU", "FR", "DE", "AT", "CH", "IT", "ES", "PT", "PL", "DK", "SE")
 LANGUAGES = ("en", "nl", "fr", "de")
 # Faker locales whose name lists back the lexicon recognizer, per language
 NAME_LOCALES = {"en": ("en_GB", "en_US", "en_IE"), "nl": ("nl_NL", "nl_BE"), "fr": ("fr_FR", "fr_BE", "fr_CH"),
@@ -69,12 +72,13 @@ class OfflineEmailRecognizer(EmailRecognizer):
 # a digit run glued to letters/hyphen before it (ORD-061..., INV0612...) or introduced by an order/reference word
 _REFERENCE_BEFORE = re.compile(
     r"(?:[A-Za-z]{1,6}[-_/#]?|#|(?:order|ordernummer|bestelling|bestelnummer|bestellnummer|bestellung|commande|"
-    r"référence|reference|ref|referentie|rechnungsnummer|rechnung|factuurnummer|factuur|facture|invoice|kundennummer|klantnummer|"
-    r"n°|nr\.?|no\.?|ticket)\s*(?:number|nummer|numéro|no\.?|nr\.?|n°)?\s*[:#]?\s*)$", re.IGNORECASE)
+    r"référence|reference|ref|referentie|rechnungsnummer|rechnung|factuurnummer|factuur|facture|invoice|"
+    r"kundennummer|klantnummer|n°|nr\.?|no\.?|ticket)[\s\"':#_\-]*(?:id|number|nummer|numéro|no\.?|nr\.?|n°)?"
+    r"[\s\"':#=]*)$", re.IGNORECASE)
 
 
 _GLUED_LETTER = re.compile(r"(?<=\d)[^\W\d_]")
-_DATE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4})$")
+_DATE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|(?:19|20)\d\d[/-]\d+)$")
 _MONEY_BEFORE = re.compile(r"(?:€|eur|gbp|chf|usd|\$|£)\s*[\d.,]*$", re.IGNORECASE)
 
 
@@ -110,8 +114,8 @@ class EuPhoneRecognizer(PhoneRecognizer):
 
     SCORE = 0.6
 
-    def __init__(self, supported_language: str = "en", context=None):
-        super().__init__(supported_language=supported_language, supported_regions=EU_REGIONS,
+    def __init__(self, supported_language: str = "en", context=None, regions=WEST_EU_REGIONS):
+        super().__init__(supported_language=supported_language, supported_regions=regions,
                          leniency=phonenumbers.Leniency.VALID, context=context)
 
     def analyze(self, text, entities, nlp_artifacts=None):
