@@ -277,3 +277,22 @@ def test_schema_grammar_accepts_json_dumps_layout_token_for_token(engine):
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     matcher = LLMatcher(engine.grammars.ll_tokenizer, grammar, log_level=0)
     assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+def test_incremental_detokenizer_equals_decoding_the_whole_output(tokenizer):
+    """Token by token, the text built from short windows equals decoding everything at once: multi-byte
+    characters split across tokens (emoji, CJK, accents), special tokens skipped, spaces and newlines."""
+    from tunekit.serve.sampling import SamplingParams
+    from tunekit.serve.sequence import Sequence, detokenize
+
+    text = "Größe 5 € 🙂🙂 日本語 <|im_end|> \n\n  two  spaces {\"a\": 1} ☕️ end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    seq = Sequence([1], SamplingParams(), None)
+    seen = []
+    for k, token in enumerate(ids):
+        seq.output_ids.append(token)
+        detokenize(tokenizer, seq, final=k == len(ids) - 1)
+        seen.append(seq.text)
+        assert "\ufffd" not in seq.text or k == len(ids) - 1
+    assert seq.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert any(a == b for a, b in zip(seen, seen[1:]))  # some steps waited for the rest of a character

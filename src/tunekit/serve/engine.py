@@ -29,7 +29,7 @@ from .lora_batch import LoraWeights
 from .runner import ModelRunner, Work
 from .sampling import SamplingParams, sample_next, token_logprobs
 from .scheduler import Scheduler
-from .sequence import Event, Sequence, visible_text
+from .sequence import Event, Sequence, detokenize, visible_text
 from .structured import Grammars, allowed_mask
 
 
@@ -338,8 +338,8 @@ class Engine:
 
     def _report(self, seq: Sequence, new_ids: list[int], logprobs: list[dict], reason: str | None,
                 lane: Lane) -> None:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        shown, hit_stop = visible_text(text, seq.params.stop, final=reason is not None)
+        detokenize(self.tokenizer, seq, final=reason is not None)
+        shown, hit_stop = visible_text(seq.text, seq.params.stop, final=reason is not None)
         if hit_stop:
             reason = "stop"
         delta = shown[seq.sent_chars:]

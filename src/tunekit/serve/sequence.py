@@ -34,6 +34,9 @@ class Sequence:
     computed: int = 0  # tokens whose keys/values are in the cache
     output_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    text: str = ""  # output decoded so far (Detokenizer: a few tokens per step, not the whole output)
+    prefix_offset: int = 0  # output_ids[prefix_offset:read_offset] were decoded into the end of text
+    read_offset: int = 0
     finish_reason: str | None = None
     generator: object = None
 
@@ -52,6 +55,24 @@ class Sequence:
         """The tokens to compute next: a prompt chunk of at most `budget`, or the last sampled token."""
         ids = self.all_ids
         return ids[self.computed: self.computed + budget] if self.in_prefill else ids[-1:]
+
+
+def detokenize(tokenizer, seq: "Sequence", final: bool) -> None:
+    """Append the text of seq's new output tokens to seq.text, decoding only a short window per step.
+
+    Decoding the whole output at every step costs O(n) per token, O(n^2) per request. Instead: decode
+    ids[prefix_offset:] and ids[prefix_offset:read_offset]; the difference is the new text. The window starts a
+    few tokens back so that tokenizers whose pieces depend on the previous token (a leading space) decode
+    right; a new text that ends inside a UTF-8 character (U+FFFD) waits for the token that completes it, unless
+    final. (The same scheme as vLLM's and TGI's incremental detokenizers.)"""
+    ids = seq.output_ids
+    if len(ids) <= seq.read_offset:
+        return
+    before = tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
+    after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        seq.text += after[len(before):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
 
 def visible_text(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
