@@ -54,6 +54,9 @@ def launch(command: str, argv: list[str], nproc: int, cfg: Config) -> int:
     if world_from_env()[1] > 1:
         raise DistributedError("--nproc inside a torchrun worker: drop --nproc when torchrun starts the processes")
     check_world_divides(cfg.train.batch_size, cfg.train.grad_accum, nproc)
+    if cfg.train.parallel == "fsdp" and cfg.method.name != "full":  # the workers would refuse it one by one
+        raise ConfigError(f"train.parallel fsdp shards full fine-tuning (method full); method {cfg.method.name} "
+                          f"trains few parameters: use train.parallel ddp")
     rc = subprocess.run(torchrun_command(command, argv, nproc), env=worker_env(cfg, nproc)).returncode
     if rc == 0:
         return 0
