@@ -174,6 +174,11 @@ def test_world_size_that_does_not_divide_the_global_batch_is_refused(tree, tmp_p
     assert "3 processes cannot split the global batch of 4" in proc.stderr and "[1, 2, 4]" in proc.stderr
 
 
+def test_fsdp_with_an_adapter_method_is_refused_before_any_worker_starts(tree, tmp_path):
+    proc = tunekit_train(["--nproc", "2", "--train.parallel", "fsdp", *flags(tree(tmp_path / "r", LORA))], timeout=120)
+    assert proc.returncode == 2 and "method lora trains few parameters: use train.parallel ddp" in proc.stderr
+
+
 def test_uneven_token_counts_per_rank_mean_would_be_wrong(make_config, tmp_path, single_thread):
     """Negative control: the 2 ranks of a step hold different numbers of label tokens; averaging per-rank means
     (what a plain DDP loss.mean() does) is far from the one-process gradient, tunekit's scaling is not."""
