@@ -293,3 +293,20 @@ def test_ask_with_a_model_returns_checked_citations(tmp_path, tiny_model_dir, em
                  model=str(tiny_model_dir), top_k=3, max_new_tokens=8, device="cpu", dtype="float32")
     assert len(answer.citations()) == 3 and Path(answer.citations()[0]["source"]).name == "policy.md"
     assert set(answer.cited) | set(answer.invalid) <= set(range(0, 1000))
+
+
+def test_facts_demo_is_seeded_and_splits_phrasings(tmp_path):
+    from tunekit.rag import facts_demo
+
+    items = facts_demo.products(5)
+    assert items == facts_demo.products(5) and len({p["slug"] for p in items}) == 5
+    train, test = facts_demo.questions(items, "train"), facts_demo.questions(items, "test")
+    assert len(train) == len(test) == 25 and not {q["question"] for q in train} & {q["question"] for q in test}
+    folder = facts_demo.write_sheets(items, tmp_path / "sheets")
+    text = (folder / f"{items[0]['slug']}.md").read_text()
+    assert all(items[0]["facts"][f] in text for f in facts_demo.FACTS)
+    new, moved = facts_demo.changed(items, 0.5)
+    assert moved and all(new[[p["slug"] for p in new].index(s)]["facts"][f] != items[[p["slug"] for p in items]
+                                                                                     .index(s)]["facts"][f]
+                         for s, f in moved)
+    assert facts_demo.normalised_match("The price is 1,299.00 EUR.", "1299.00 EUR")

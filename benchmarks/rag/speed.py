@@ -55,6 +55,23 @@ def embed_corpus(embedder, limit_queries: int):
                                               "embed_chunks_per_s": round(len(chunks) / embed_s, 1)}
 
 
+def from_store(folder: str, limit_queries: int):
+    """Chunks and vectors of the wiki-en and wiki-fr collections that eval_corpora.py --store FOLDER ingested
+    (so the embedding is not paid twice); queries embedded here."""
+    import sqlite3
+
+    from tunekit.rag.chunking import Chunk
+
+    chunks, vectors = [], []
+    for name in ("wiki-en", "wiki-fr"):
+        conn = sqlite3.connect(Path(folder) / name / "chunks.sqlite")
+        for source, heading, page, no, start, end, text, blob in conn.execute(
+                "select source, heading, page, chunk_no, start_char, end_char, text, vector from chunks order by id"):
+            chunks.append(Chunk(source, heading or "", page, no, start, end, text))
+            vectors.append(np.frombuffer(blob, dtype=np.float32))
+    return chunks, np.stack(vectors)
+
+
 def scaled(chunks, vectors, size, rng):
     """`size` chunks: copies of the corpus, later copies with jittered vectors and renamed sources."""
     out_c, out_v = [], []
@@ -101,10 +118,20 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[10000, 100000])
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--no-postgres", action="store_true")
+    p.add_argument("--from-store", default=None, help="reuse the wiki-en/wiki-fr chunks and vectors of this FAISS "
+                   "folder (written by eval_corpora.py --store)")
     p.add_argument("--out", default="docs/rag-speed.json")
     args = p.parse_args(argv)
     embedder = EmbeddingModel()
-    chunks, vectors, query_texts, query_vecs, ingest = embed_corpus(embedder, args.queries)
+    if args.from_store:
+        chunks, vectors = from_store(args.from_store, args.queries)
+        _, questions = corpora.wiki_summaries("en")
+        picked = [questions[i]["question"] for i in np.random.default_rng(0).choice(len(questions), args.queries,
+                                                                                     replace=False)]
+        query_texts, query_vecs = picked, embedder.encode(picked)
+        ingest = {"chunks": len(chunks), "from_store": args.from_store}
+    else:
+        chunks, vectors, query_texts, query_vecs, ingest = embed_corpus(embedder, args.queries)
     print(f"embedded {ingest}", flush=True)
     rng = np.random.default_rng(0)
     out = {"ingest": ingest, "sizes": {}}
