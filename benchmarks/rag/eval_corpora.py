@@ -69,16 +69,30 @@ def main(argv=None) -> int:
     rows, started = {}, time.time()
     work = []
     if "debian-faq" in args.corpora:
-        work += [(f"debian-faq-{lang}", corpora.debian_faq, lang, corpora.FAQ_LANGUAGES[lang]) for lang in args.faq_langs]
+        work += [(f"debian-faq-{lang}", corpora.debian_faq, lang, corpora.FAQ_LANGUAGES[lang])
+                 for lang in args.faq_langs]
     if "wiki" in args.corpora:
         work += [(f"wiki-{lang}", corpora.wiki_summaries, lang, corpora.WIKI_LANGUAGES[lang][1])
                  for lang in args.wiki_langs]
+    sweeps = {}
+
+    def save():  # after every corpus: a run cut short still leaves what it measured
+        meta = {"cpu": cpu_name(), "embedding_model": embedder.name, "store": "faiss flat",
+                "date": time.strftime("%Y-%m-%d", time.gmtime()), "wall_s": round(time.time() - started),
+                "command": "python benchmarks/rag/eval_corpora.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "sweeps": sweeps}, indent=2,
+                                                 ensure_ascii=False))
+        if args.png and rows:
+            plot(rows, args.png, f"tunekit rag eval: bm25 / dense (all-MiniLM-L6-v2) / hybrid RRF - {meta['cpu']}")
+
     for name, load, lang, language in work:
         docs, questions = load(lang)
         rows[name] = run_one(store, embedder, name, docs, questions, language)
         print(f"\n{name}: {len(docs)} documents, {rows[name]['chunks']} chunks, {len(questions)} questions "
               f"(ingest {rows[name]['ingest_s']} s)\n{table(rows[name], METHODS)}", flush=True)
-    sweeps = {}
+        save()
     if args.sweeps:
         docs, questions = corpora.debian_faq("en")
         sweeps["chunk_tokens"] = {}
@@ -93,15 +107,7 @@ def main(argv=None) -> int:
             r = evaluate(retriever, questions, methods=("hybrid",), progress=False, rrf_k=k)
             sweeps["rrf_k"][k] = r["hybrid"]["mrr@10"]
         print(f"rrf k (hybrid MRR@10, FAQ en): {sweeps['rrf_k']}", flush=True)
-    meta = {"cpu": cpu_name(), "embedding_model": embedder.name, "store": "faiss flat",
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "wall_s": round(time.time() - started),
-            "command": "python benchmarks/rag/eval_corpora.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    out = {"meta": meta, "results": rows, "sweeps": sweeps}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2, ensure_ascii=False))
-    if args.png and rows:
-        plot(rows, args.png, f"tunekit rag eval: bm25 / dense (all-MiniLM-L6-v2) / hybrid RRF - {meta['cpu']}")
+        save()
     return 0
 
 

@@ -11,7 +11,8 @@ tunekit.rag.facts_demo), measured on SmolLM2-135M-Instruct on CPU:
 Scores: normalised match (the gold value appears in the answer) and, for RAG setups, citation correctness (the
 answer cites [n] and chunk n comes from the product's sheet). Also training cost and answer latency.
 
-    flock /tmp/tunekit-cpu.lock .venv/bin/python benchmarks/rag/lora_vs_rag.py [--products 30] [--steps 30] [--out docs/rag-lora-vs-rag.json]
+    flock /tmp/tunekit-cpu.lock .venv/bin/python benchmarks/rag/lora_vs_rag.py [--products 30] [--steps 30] \
+        [--out docs/rag-lora-vs-rag.json]
 """
 
 from __future__ import annotations

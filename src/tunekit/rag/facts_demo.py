@@ -54,11 +54,12 @@ def products(n: int = 60, seed: int = 0) -> list[dict]:
 def sheet(product: dict) -> str:
     """The product's Markdown sheet: the facts in prose under headings, with distractor numbers."""
     f, name = product["facts"], product["name"]
+    hotline = f"+49 30 5550 {sum(map(ord, name)) * 37 % 9000 + 1000}"  # a distractor number, seeded by the name
     return (f"# {name}\n\n## Price and availability\n\nThe {name} is sold at {f['price']} including VAT. It ships "
             f"in 2 to 4 working days; orders above 10 units get a volume quote.\n\n## Warranty and returns\n\n"
             f"The {name} comes with a warranty of {f['warranty']} from the date of delivery. Unused units can be "
             f"returned within {f['returns']} for a full refund.\n\n## Support\n\nQuestions and repairs: write to "
-            f"{f['contact']}. The hotline +49 30 5550 {sum(map(ord, name)) * 37 % 9000 + 1000} answers on working days.\n\n"
+            f"{f['contact']}. The hotline {hotline} answers on working days.\n\n"
             f"## History\n\nThe {name} was launched on {f['launch']}.\n")
 
 

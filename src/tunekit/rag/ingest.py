@@ -63,9 +63,10 @@ def ingest(inputs: list[str | Path], collection: str, store: str | Store | None 
             source = str(path.resolve())
             yield source, lambda path=path, source=source: _read(path, source)
 
+    given = {str(q.resolve()) for q in paths}
+
     def under_inputs(source: str) -> bool:
-        p = Path(source)
-        return any(p.is_relative_to(f) for f in folders) or source in {str(q.resolve()) for q in paths}
+        return source in given or any(Path(source).is_relative_to(f) for f in folders)
 
     return _ingest_items(items(), len(paths), collection, store, embedder, language, chunk_tokens, overlap, progress,
                          under_inputs if prune else None)

@@ -155,8 +155,9 @@ class Retriever:
         return DENSE_WEIGHT[reads]
 
     def search(self, query: str, method: str = "hybrid", k: int = 5, sources: list[str] | None = None,
-               rrf_k: int = RRF_K, depth: int = FUSION_DEPTH, dense_weight: float | None = None) -> list[Hit]:
-        ranked = self.ranked(query, method, k, sources, rrf_k, depth, dense_weight=dense_weight)
+               rrf_k: int = RRF_K, depth: int = FUSION_DEPTH, dense_weight: float | None = None,
+               vector: np.ndarray | None = None) -> list[Hit]:
+        ranked = self.ranked(query, method, k, sources, rrf_k, depth, vector, dense_weight)
         chunks = self.store.get_chunks(self.collection, [i for i, _ in ranked])
         return [Hit(c, s, r) for r, (c, (_, s)) in enumerate(zip(chunks, ranked), start=1)]
 

@@ -19,7 +19,8 @@ class RagService:
         self._store: Store | None = store if isinstance(store, Store) else None
         self._embedder: EmbeddingModel | None = None
         self._retrievers: dict[str, Retriever] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # opening the store
+        self._use = threading.RLock()  # one search or retriever lookup at a time: a SQLite store is not thread-safe
 
     @property
     def store(self) -> Store:
@@ -29,6 +30,10 @@ class RagService:
             return self._store
 
     def retriever(self, collection: str) -> Retriever:
+        with self._use:
+            return self._retriever(collection)
+
+    def _retriever(self, collection: str) -> Retriever:
         cached = self._retrievers.get(collection)
         if cached is not None and collection in self.store.collections():
             return cached
@@ -39,13 +44,20 @@ class RagService:
         self._retrievers[collection] = retriever
         return retriever
 
+    def embed(self, collection: str, query: str, method: str = "hybrid"):
+        """The query's vector for this collection's model (None for bm25): torch work, for the engine thread."""
+        retriever = self.retriever(collection)  # checks the collection and its embedding model first
+        return None if method == "bm25" else retriever.embedder.encode([query])[0]
+
     def search(self, collection: str, query: str, top_k: int = 5, method: str = "hybrid",
-               sources: list[str] | None = None) -> list[Hit]:
+               sources: list[str] | None = None, vector=None) -> list[Hit]:
+        """BM25 and the store's index search (no torch: any thread); `vector` from `embed`, else computed here."""
         if top_k > self.max_top_k:
             raise RagError(f"top_k {top_k} exceeds this server's limit of {self.max_top_k}", "top_k")
         if not query.strip():
             raise RagError("the query (the last user message) is empty", "query")
-        return self.retriever(collection).search(query, method, top_k, sources)
+        with self._use:
+            return self._retriever(collection).search(query, method, top_k, sources, vector=vector)
 
 
 def last_user_text(messages: list[dict]) -> str:

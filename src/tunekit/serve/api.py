@@ -352,11 +352,13 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
         return {"object": "request_log", **(request_log.stats() if request_log is not None else {"mode": "off"})}
 
     async def rag_search(collection: str, query: str, top_k: int, method: str, sources, prefix: str = ""):
-        """Retrieval on the engine thread (the query embedding is torch work); RagError -> 4xx naming `prefix`+param."""
+        """The query embedding on the engine thread (torch work), BM25 and the index search in the thread pool (a
+        first BM25 build of a large collection must not stall decoding); RagError -> 4xx naming `prefix`+param."""
         from ..rag.errors import RagError
 
         try:
-            return await asyncio.wrap_future(engine.call(rag.search, collection, query, top_k, method, sources))
+            vector = await asyncio.wrap_future(engine.call(rag.embed, collection, query, method))
+            return await run_in_threadpool(rag.search, collection, query, top_k, method, sources, vector)
         except RagError as e:
             param = f"{prefix}{e.param}" if e.param else prefix.rstrip(".") or None
             raise ApiError(e.status, str(e), param, "rag_" + (e.param or "error")) from None

@@ -37,7 +37,8 @@ def _row(r) -> StoredChunk:
 class FaissStore(Store):
     def __init__(self, root: Path, index: str = "flat", ef_search: str | int = 64, **unknown):
         if unknown:
-            raise RagError(f"faiss store URL: unknown option(s) {', '.join(unknown)} (known: index, ef_search)", "store")
+            raise RagError(f"faiss store URL: unknown option(s) {', '.join(unknown)} (known: index, ef_search)",
+                           "store")
         if index not in ("flat", "hnsw"):
             raise RagError(f"faiss store URL: index={index!r}; use flat or hnsw", "store")
         self.root, self.index_kind, self.ef_search = Path(root).expanduser(), index, int(ef_search)
