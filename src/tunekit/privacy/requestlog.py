@@ -33,7 +33,7 @@ class RequestLog:
         if mode not in LOG_MODES or mode == "off":
             raise ValueError(f"log mode {mode!r}: one of metadata, redacted, full")
         self.store, self.mode, self.batch, self.flush_seconds = store, mode, batch, flush_seconds
-        self._redactor = redactor  # loaded on the writer thread on first use (~1-10 s: spaCy), not at start
+        self._redactor = redactor  # None: loaded by the writer thread as it starts (~1-10 s: spaCy)
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.retention_days, self.purge_every_s = retention_days, purge_every_s
         self.written = self.dropped = self.failed_batches = self.purged = 0
@@ -84,13 +84,12 @@ class RequestLog:
         """What the store keeps of a request: the user as a pseudonym, text redacted (mode full: prompt/answer
         as given)."""
         text = lambda v: v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
-        if self._redactor is None:
-            self._redactor = shared_redactor()
         red = self._redactor.redact
         out = {k: row[k] for k in ("created_at", "key_id", "route", "status", "latency_ms", "prompt_tokens",
                                    "completion_tokens")}
         out["user_ref"] = self.store.user_ref(row["user"])
-        out["model"] = red(row["model"]) if row["model"] else None
+        # a model name that was served is one of ours; an unknown one (status 404) is whatever the caller sent
+        out["model"] = (red(row["model"]) if row["status"] >= 400 else row["model"]) if row["model"] else None
         out["error"] = red(row["error"]) if row["error"] else None
         out["log_mode"] = self.mode
         keep_text = self.mode in ("redacted", "full")
@@ -111,6 +110,8 @@ class RequestLog:
         return rows
 
     def _run(self) -> None:
+        if self._redactor is None:  # loaded here at start (spaCy: seconds), not on the request path nor at row 1
+            self._redactor = shared_redactor()
         backoff, next_purge = 0.1, time.monotonic()
         while True:
             if not self._pending:
