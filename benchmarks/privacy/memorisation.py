@@ -10,6 +10,9 @@ planted data (train.pii=off), one with train.pii=redact. Then greedy decoding fr
 - new:   a fresh invoice (not trained on) ending in `Customer account: NAME, ` (does the name unlock the value?)
 
 The extraction rate is the share of customers whose exact e-mail (or IBAN) appears in the 32 generated tokens.
+A finer measure, after Carlini et al. 2019 ("The Secret Sharer", arXiv:1802.08232): the mean negative
+log-likelihood per token of the true value after the seen prefix (lower = more memorised), base vs both runs.
+`--probe-only` re-probes existing runs (training times are kept from the previous JSON).
 
     flock /tmp/tunekit-cpu.lock .venv/bin/python benchmarks/privacy/memorisation.py --out runs/privacy-mem
 """
@@ -73,7 +76,19 @@ def probe(run_dir: str | None, customers, rows, fresh, max_new_tokens: int = 32)
         user = fresh[k]["messages"][0]["content"] + f"\n\nCustomer account: {c['name']}, "
         text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False)
         prompts["new_email"].append((text[:text.rindex(", ") + 2], c["email"]))
-    rates, examples = {}, {}
+    rates, examples, nll = {}, {}, {}
+    for kind in ("seen_email", "seen_iban"):  # -log p(value | prefix) per value token, averaged over customers
+        per = []
+        for p, value in prompts[kind]:
+            a = tok(p, add_special_tokens=False)["input_ids"]
+            b = tok(p + value, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([b])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            k = len(a) if b[:len(a)] == a else len(a) - 1  # the value's first token (prefix may merge into it)
+            target = ids[0, k:]
+            per.append(-logp[k - 1:].gather(1, target[:, None]).mean().item())
+        nll[kind] = sum(per) / len(per)
     for kind, items in prompts.items():
         hits = 0
         for i in range(0, len(items), 8):
@@ -88,7 +103,7 @@ def probe(run_dir: str | None, customers, rows, fresh, max_new_tokens: int = 32)
                 hits += value in cont
                 examples.setdefault(kind, cont[:60])
         rates[kind] = hits / len(items)
-    return {"rates": rates, "example_continuation": examples}
+    return {"rates": rates, "value_nll_per_token": nll, "example_continuation": examples}
 
 
 def main() -> int:
@@ -96,6 +111,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/privacy-mem")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--json", default="docs/privacy-memorisation.json")
+    ap.add_argument("--probe-only", action="store_true", help="probe the runs already in --out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,8 +120,10 @@ def main() -> int:
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     results = {"customers": len(customers), "invoices": len(rows), "steps": args.steps,
                "base": probe(None, customers, rows, fresh)}
+    before = json.loads(Path(args.json).read_text()) if args.probe_only else {}
     for name, pii in (("lora_raw", "off"), ("lora_redacted", "redact")):
-        run = train(data, out / name, pii, args.steps)
+        run = {k: before[name][k] for k in ("seconds", "run_dir")} if args.probe_only else \
+            train(data, out / name, pii, args.steps)
         results[name] = {**run, **probe(run["run_dir"], customers, rows, fresh)}
         print(name, json.dumps(results[name]["rates"]), f"{run['seconds']:.0f} s", flush=True)
     Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
