@@ -46,7 +46,7 @@ def run_one(store, embedder, name, docs, questions, language, **ingest_options) 
     paper = evaluate(retriever, questions, ("hybrid",), progress=False, rrf_k=60, dense_weight=1.0)
     results["hybrid (k=60, w=1)"] = paper["hybrid"]
     results["latency_ms"]["hybrid (k=60, w=1)"] = paper["latency_ms"]["hybrid"]
-    results["dense_weight"] = retriever.default_dense_weight()
+    results["fusion"] = dict(zip(("k", "dense_weight"), retriever.default_fusion()))
     results.update(documents=len(docs), chunks=report.total_chunks, ingest_s=round(ingest_s, 1),
                    ingest_chunks_per_s=round(report.chunks / ingest_s, 1) if report.chunks else None,
                    language=language)

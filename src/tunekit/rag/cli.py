@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--retriever", choices=RETRIEVERS, default="hybrid")
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--source", action="append", default=None, help="only chunks of this source (repeatable)")
-    search.add_argument("--rrf-k", type=int, default=RRF_K, help=f"RRF constant (default {RRF_K})")
+    search.add_argument("--rrf-k", type=int, default=None, help=f"RRF constant (default {RRF_K}, or 20 when the "
+                        "embedding model does not read the collection's language)")
     search.add_argument("--dense-weight", type=float, default=None, help="the dense ranking's weight in hybrid "
-                        "(BM25's is 1; default 2, or 0.25 when the embedding model does not read the language)")
+                        "(BM25's is 1; default 1, or 0.25 when the embedding model does not read the language)")
     sub = p.add_subparsers(dest="command", required=True)
 
     i = sub.add_parser("ingest", parents=[store], help="add/update files and folders (txt, md, html, pdf, docx)")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--collection", "-c", required=True)
     e.add_argument("--questions", required=True, help='JSONL: {"question": ..., "relevant": [doc ids]}')
     e.add_argument("--retrievers", nargs="+", choices=RETRIEVERS, default=list(RETRIEVERS))
-    e.add_argument("--rrf-k", type=int, default=RRF_K)
+    e.add_argument("--rrf-k", type=int, default=None)
     e.add_argument("--dense-weight", type=float, default=None)
     e.add_argument("--depth", type=int, default=FUSION_DEPTH, help="how deep each ranking goes into the fusion")
     e.add_argument("--json", dest="json_out", default=None, help="write the results here")

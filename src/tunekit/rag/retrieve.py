@@ -6,10 +6,10 @@
 - dense: cosine similarity of the query's embedding with the chunks' (the store's FAISS or pgvector index).
 - hybrid: weighted reciprocal-rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009), score(d) = sum over the two
   rankings of w / (k + rank(d)), each ranking `depth` deep, w = 1 for BM25 and `dense_weight` for dense.
-  Defaults, chosen on Debian's FAQ (5 languages) and checked on held-out Wikipedia summaries (docs/rag.md):
-  k = 20 (the paper's 60 fused worse here), dense_weight = 2 when the embedding model reads the collection's
-  language, 0.25 when it does not (the packaged all-MiniLM-L6-v2 is English-only: its dense ranking is the weaker
-  one on French, German, Dutch and Italian, and equal weights let it pull hybrid below BM25).
+  Defaults (`default_fusion`; measurements in docs/rag.md): when the embedding model reads the collection's
+  language, the paper's plain RRF, k = 60 and w = 1; when it does not (the packaged all-MiniLM-L6-v2 is
+  English-only, so French, German, Dutch, Italian ... collections), k = 20 and w = 0.25: there the dense ranking is
+  the much weaker one, and at equal weights it pulled hybrid below BM25 on Debian's FAQ.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from .errors import RagError
 from .stores import Store, StoredChunk
 
 RETRIEVERS = ("bm25", "dense", "hybrid")
-RRF_K = 20
+RRF_K = 60
 FUSION_DEPTH = 50
-DENSE_WEIGHT = {True: 2.0, False: 0.25}  # does the embedding model read the collection's language?
+FUSION = {True: (60, 1.0), False: (20, 0.25)}  # (k, dense weight): does the embedding model read the language?
 ENGLISH_ONLY_MODELS = {"all-MiniLM-L6-v2"}
 LANGUAGES = ("english", "french", "german", "dutch", "italian", "spanish", "portuguese", "swedish", "norwegian",
              "danish", "russian", "turkish")
@@ -129,10 +129,10 @@ class Retriever:
         return self._embedder
 
     def ranked(self, query: str, method: str = "hybrid", k: int = 10, sources: list[str] | None = None,
-               rrf_k: int = RRF_K, depth: int = FUSION_DEPTH, vector: np.ndarray | None = None,
+               rrf_k: int | None = None, depth: int = FUSION_DEPTH, vector: np.ndarray | None = None,
                dense_weight: float | None = None) -> list[tuple[int, float]]:
         """(chunk id, score) best first. `vector`: the query's embedding when the caller has it already;
-        `dense_weight`: the dense ranking's weight in the fusion (BM25's is 1; None: `default_dense_weight`)."""
+        `rrf_k`, `dense_weight`: the fusion's k and the dense ranking's weight (BM25's is 1); None: `default_fusion`."""
         if method not in RETRIEVERS:
             raise RagError(f"retriever {method!r}: use one of {', '.join(RETRIEVERS)}", "retriever")
         if k < 1:
@@ -146,16 +146,18 @@ class Retriever:
         depth = max(depth, k)
         lexical = bm25_index(self.store, self.collection).search(query, depth, sources)
         dense = self.store.dense_search(self.collection, vector, depth, sources)
-        weight = self.default_dense_weight() if dense_weight is None else dense_weight
-        return rrf([[i for i, _ in lexical], [i for i, _ in dense]], rrf_k, [1.0, weight])[:k]
+        auto_k, auto_weight = self.default_fusion()
+        weight = auto_weight if dense_weight is None else dense_weight
+        return rrf([[i for i, _ in lexical], [i for i, _ in dense]], auto_k if rrf_k is None else rrf_k,
+                   [1.0, weight])[:k]
 
-    def default_dense_weight(self) -> float:
-        """2 when the embedding model reads the collection's language, 0.25 when it does not (module docstring)."""
+    def default_fusion(self) -> tuple[int, float]:
+        """(k, dense weight): (60, 1) when the embedding model reads the collection's language, else (20, 0.25)."""
         reads = self.info.language == "english" or self.info.model not in ENGLISH_ONLY_MODELS
-        return DENSE_WEIGHT[reads]
+        return FUSION[reads]
 
     def search(self, query: str, method: str = "hybrid", k: int = 5, sources: list[str] | None = None,
-               rrf_k: int = RRF_K, depth: int = FUSION_DEPTH, dense_weight: float | None = None,
+               rrf_k: int | None = None, depth: int = FUSION_DEPTH, dense_weight: float | None = None,
                vector: np.ndarray | None = None) -> list[Hit]:
         ranked = self.ranked(query, method, k, sources, rrf_k, depth, vector, dense_weight)
         chunks = self.store.get_chunks(self.collection, [i for i, _ in ranked])
