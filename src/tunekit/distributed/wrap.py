@@ -8,11 +8,12 @@ global batch, however unevenly the tokens fall across ranks. A per-rank mean (lo
 weighs a token on a rank with few targets more than one on a busy rank; tests/test_distributed.py shows it off
 by far more than the 1e-6 this matches to.
 
-FSDP2 and gloo: FSDP2 asks for ReduceOp.AVG in its reduce-scatter when it is free to (fp32/bf16 gradients),
-and gloo does not average: the gradients come back summed, world-size times too large (pytorch/pytorch#162338,
-open on torch 2.13; `_get_gradient_divide_factors` in torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py
-still returns AVG for gloo). We never ask FSDP2 to average: set_force_sum_reduction_for_comms(True) with a
-divide factor of 1 makes it reduce with SUM on every backend, and the loss scale above does the division.
+FSDP2 and gloo: FSDP2 asks for ReduceOp.AVG in its reduce-scatter when it is free to (fp32/bf16 gradients;
+`_get_gradient_divide_factors` in torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, torch 2.13), and
+gloo has been reported to sum instead, world-size times too large (pytorch/pytorch#162338, still open). On torch
+2.13.0+cpu the probe in tests/test_distributed.py measures a correct average, but tunekit does not depend on it:
+set_force_sum_reduction_for_comms(True) with a divide factor of 1 makes FSDP2 reduce with SUM on every backend,
+and the loss scale above does the division.
 """
 
 from __future__ import annotations
