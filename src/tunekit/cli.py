@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--layers", default=None, help="explicit layer indices to keep, e.g. 0,5,10,-1")
     sh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sh.add_argument("--out", required=True, help="folder for the student (transformers model + tokenizer)")
-    sub.add_parser("bench", help="`tunekit bench train` (training speed vs the Trainer recipe and TRL), `tunekit bench serve` (serving vs sequential peft)", add_help=False)
+    sub.add_parser("bench", help="`tunekit bench train` (training speed vs the Trainer recipe and TRL), `tunekit bench serve` (serving vs sequential peft), `tunekit bench export` (GGUF quality and speed in llama.cpp)", add_help=False)
 
     g = sub.add_parser("generate", help="generate a reply for one prompt or a JSONL of conversations")
     _add_model_args(g)
