@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench export] tunekit engine {label}: {args.n} invoices + {args.speed_n} timed", flush=True)
         texts, tps = engine_run(str(work / "hf"), dtype, convs, speed_convs, threads)
         score = score_predictions(texts, refs)
-        rows.append({"variant": f"tunekit serve, {label} safetensors", "engine": "tunekit", "file": "hf",
+        rows.append({"variant": f"tunekit serve, {label} (hf export, fp32 safetensors)", "engine": "tunekit",
+                     "file": "hf",
                      "bytes": folder_bytes(work / "hf"), "exact_match": score["exact_match"],
                      "json_valid": score["json_valid"], "perplexity": ppl_ref if dtype == "float32" else None,
                      "top1_vs_fp32": 1.0 if dtype == "float32" else None, "tokens_per_s": tps})
