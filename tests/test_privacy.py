@@ -28,6 +28,8 @@ def redactor():
     ("bel 06-12345678 of", "nl", "PHONE_NUMBER", "06-12345678"),
     ("appelez le 06 12 34 56 78 svp", "fr", "PHONE_NUMBER", "06 12 34 56 78"),
     ("Tel. +49 30 12345678.", "de", "PHONE_NUMBER", "+49 30 12345678"),
+    ("call +49 30 12345678%| lavish", "en", "PHONE_NUMBER", "+49 30 12345678"),  # model tokens glued on
+    ("call +49 30 12345678abc", "en", "PHONE_NUMBER", "+49 30 12345678"),
     ("Groet, Jan de Vries", "nl", "PERSON", "Jan de Vries"),
     ("Sehr geehrte Frau Müller,", "de", "PERSON", "Müller"),
     ("Hello, I am John Smith.", "en", "PERSON", "John Smith"),

@@ -77,7 +77,9 @@ _REFERENCE_BEFORE = re.compile(
     r"[\s\"':#=]*)$", re.IGNORECASE)
 
 
-_GLUED_LETTER = re.compile(r"(?<=\d)[^\W\d_]")
+# a letter or symbol glued to the end of a digit run ("12345678abc", "12345678%|"): libphonenumber refuses a number
+# followed by either, and a model's tokens can follow an echoed prompt that way
+_GLUED_LETTER = re.compile(r"(?<=\d)(?:[^\W\d_]|[%|#*~^`@&=<>\[\]{}\\])")
 _DATE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|(?:19|20)\d\d[/-]\d+)$")
 _MONEY_BEFORE = re.compile(r"(?:€|eur|gbp|chf|usd|\$|£)\s*[\d.,]*$", re.IGNORECASE)
 
@@ -122,8 +124,9 @@ class EuPhoneRecognizer(PhoneRecognizer):
         found = {}
         if len(re.findall(r"\d", text)) < 7:  # no EU number has fewer digits; skips 32 matcher passes
             return []
-        # libphonenumber refuses a number glued to letters ("+49 30 12345678abc", as a model's tokens can follow
-        # an echoed prompt); match on a same-length copy with such letters blanked, check context on the original
+        # libphonenumber refuses a number glued to letters or symbols ("+49 30 12345678abc", "...678%|", as a
+        # model's tokens can follow an echoed prompt); match on a same-length copy with them blanked, check context
+        # on the original
         shadow = _GLUED_LETTER.sub(" ", text)
         for region in self.supported_regions:
             for match in phonenumbers.PhoneNumberMatcher(shadow, region, leniency=self.leniency):
