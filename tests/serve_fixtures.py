@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -79,3 +80,15 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def live_server(engine, app):
+    """Start `engine`, serve `app` on a loopback uvicorn, yield the LiveServer (with .engine); stop both after."""
+    engine.start()
+    try:
+        with LiveServer(app, free_port()) as live:
+            live.engine = engine
+            yield live
+    finally:
+        engine.stop()

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from postgres_server import postgres_url  # noqa: F401
-from serve_fixtures import LiveServer, engine_for, free_port
+from serve_fixtures import engine_for, live_server
 from test_privacy_logs import RAW, all_text
 
 openai = pytest.importorskip("openai")
@@ -44,13 +44,11 @@ def logged_server(request, tmp_path_factory, tiny_model_dir):
     store = LogStore(url)
     log = RequestLog(store, "redacted", redactor=shared_redactor())
     engine = engine_for(tiny_model_dir, max_num_seqs=16, max_queue=512)
-    engine.start()
     keys = KeyStore.from_sources(None, env={"TUNEKIT_API_KEYS": USER_KEY, "TUNEKIT_ADMIN_KEYS": ADMIN_KEY})
     app = build_app(engine, keys, request_log=log)
-    with LiveServer(app, free_port()) as live:
-        live.engine, live.log, live.store = engine, log, store
+    with live_server(engine, app) as live:
+        live.log, live.store = log, store
         yield live
-    engine.stop()
     log.close()
 
 

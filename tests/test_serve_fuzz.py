@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_fixtures import LiveServer, engine_for, free_port
+from serve_fixtures import engine_for, live_server
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -20,13 +20,11 @@ def fuzz_schema(tiny_model_dir):
     from tunekit.serve.security import KeyStore
 
     engine = engine_for(tiny_model_dir, max_num_seqs=4, max_model_len=256)
-    engine.start()
     # small generation limits: the fuzzer sends thousands of requests; what they ask is checked, not how long
     app = build_app(engine, KeyStore.from_sources(None, env={"TUNEKIT_ADMIN_KEYS": ADMIN}),
                     limits=Limits(max_tokens=8, max_n=2))
-    with LiveServer(app, free_port()) as live:
+    with live_server(engine, app) as live:
         yield schemathesis.openapi.from_url(live.url + "/openapi.json")
-    engine.stop()
 
 
 def test_every_route_answers_as_documented_and_never_5xx(fuzz_schema):
