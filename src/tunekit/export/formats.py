@@ -273,8 +273,7 @@ def export_lora_gguf(source: Path, tmp: Path, *, quant, model, verify, gguf_pre,
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     path = tmp / "adapter.gguf"
-    writer = gguf.GGUFWriter(str(path), ARCHS[config.model_type].name.lower() if config.model_type != "qwen2"
-                             else "qwen2")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCHS[config.model_type]])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

@@ -181,7 +181,7 @@ def write_model_gguf(path: Path, state: dict, config, tok: TokenizerInfo, quant:
     arch = arch_of(config)
     tensors = gguf_tensors(state, config)
     tied = "output.weight" not in tensors
-    writer = gguf.GGUFWriter(str(path), ARCHS[arch].name.lower() if arch != "qwen2" else "qwen2")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCHS[arch]])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     add_architecture(writer, config)

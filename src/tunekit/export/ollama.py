@@ -144,8 +144,7 @@ def go_binary(cache: Path) -> Path:
     binary = cache / "gorender"
     if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         cache.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "GOCACHE": str(cache / "gocache"), "GOPATH": str(cache / "gopath"), "GOFLAGS": "-mod=mod",
-               "GO111MODULE": "off"}
+        env = {**os.environ, "GOCACHE": str(cache / "gocache"), "GOPATH": str(cache / "gopath"), "GO111MODULE": "off"}
         subprocess.run([go, "build", "-o", str(binary), str(source)], check=True, env=env, capture_output=True)
     return binary
 
