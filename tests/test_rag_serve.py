@@ -19,18 +19,17 @@ KEY = "sk-rag-test"
 @pytest.fixture(scope="module")
 def rag_server(tmp_path_factory, tiny_model_dir):
     from tunekit.rag.ingest import ingest
-    from tunekit.rag.service import RagService
     from tunekit.rag.stores import open_store
     from tunekit.serve.api import build_app
     from tunekit.serve.security import KeyStore
 
     root = tmp_path_factory.mktemp("rag-serve")
     store = str(root / "store")
-    service = RagService(store)
     ingest([write_corpus(root / "docs")], "docs", store, progress=False)
     open_store(store).create("other", "some-other-model", 768, "english")  # built with another embedding model
     engine = engine_for(tiny_model_dir, max_num_seqs=4)
-    app = build_app(engine, KeyStore.from_sources(None, env={"TUNEKIT_API_KEYS": KEY}), rag=service)
+    app = build_app(engine, KeyStore.from_sources(None, env={"TUNEKIT_API_KEYS": KEY}),
+                    rag_store=store)  # what `tunekit serve --rag-store` passes
     with live_server(engine, app) as live:
         yield live
 
@@ -75,6 +74,14 @@ def test_streaming_chat_sends_citations_first(client, rag_server):
     ({"collection": "nope"}, 404, "rag.collection"),
     ({"collection": "bad name!"}, 400, "rag.collection"),
     ({"collection": "other"}, 409, "rag.embedding_model"),
+    ({"collection": "docs", "top_k": "five"}, 422, "rag.top_k"),  # wrong types
+    ({"collection": "docs", "top_k": 2.5}, 422, "rag.top_k"),
+    ({"collection": "docs", "top_k": True}, 422, "rag.top_k"),
+    ({"collection": "docs", "sources": "policy.md"}, 422, "rag.sources"),
+    ({"collection": "docs", "sources": [1]}, 422, "rag.sources.0"),
+    ({"collection": 5}, 422, "rag.collection"),
+    ({"collection": "docs", "retriever": 3}, 422, "rag.retriever"),
+    ("docs", 422, "rag"),
 ])
 def test_bad_rag_parameters_are_4xx_naming_the_parameter(client, rag_server, rag, status, param):
     with pytest.raises(openai.APIStatusError) as e:
@@ -93,3 +100,32 @@ def test_rag_search_route_and_auth(rag_server):
     missing = httpx.post(rag_server.url + "/v1/rag/search", json={**body, "collection": "nope"},
                          headers={"Authorization": f"Bearer {KEY}"})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "collection"
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"collection": "nope"}, 404, "collection"),
+    ({"top_k": 0}, 422, "top_k"),
+    ({"top_k": 51}, 422, "top_k"),
+    ({"top_k": "2"}, 422, "top_k"),
+    ({"query": ""}, 422, "query"),
+    ({"query": ["docking", "station"]}, 422, "query"),
+    ({"retriever": "magic"}, 422, "retriever"),
+    ({"sources": "prices.html"}, 422, "sources"),
+    ({"query": None}, 422, "query"),
+])
+def test_bad_rag_search_requests_are_4xx_naming_the_parameter(rag_server, change, status, param):
+    body = {"collection": "docs", "query": "docking station price", "top_k": 2, **change}
+    r = httpx.post(rag_server.url + "/v1/rag/search", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_serve_rag_store_flag_checks_the_store_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from tunekit import cli
+
+    monkeypatch.setenv("TUNEKIT_CACHE", str(tmp_path))
+    code = cli.main(["serve", "--rag-store", "mysql://x/y", "--log", "off", "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown store URL 'mysql://x/y'" in err and "Traceback" not in err
+    assert "loading" not in err  # refused before the model
+    assert cli.build_parser().parse_args(["serve", "--rag-store", str(tmp_path)]).rag_store == str(tmp_path)

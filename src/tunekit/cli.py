@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     sv.add_argument("--embedding-model", default=None, help="sentence-transformers folder for /v1/embeddings "
                     "(default: the packaged all-MiniLM-L6-v2)")
+    sv.add_argument("--rag-store", default=None, help="RAG store for chat completions with \"rag\" and "
+                    "/v1/rag/search: a folder, faiss:///path[?index=hnsw] or postgresql://... (default "
+                    "$TUNEKIT_RAG_STORE, else $TUNEKIT_CACHE/rag); checked at start")
     sv.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: all cores)")
     sv.add_argument("--print-vllm", action="store_true", help="print the `vllm serve` command for the same base "
                     "and adapters (for a GPU machine) and exit")
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                          embedding_model=args.embedding_model, print_vllm=args.print_vllm, pin=args.pin,
                          max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, log=args.log,
                          log_db=args.log_db, retention_days=args.retention_days,
-                         log_full_consent=args.log_full_consent)
+                         log_full_consent=args.log_full_consent, rag_store=args.rag_store)
         elif args.command in ("data", "logs"):
             from .privacy.cli import run as privacy_command
 
@@ -450,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from .export.errors import ExportError
         from .distributed.context import DistributedError
+        from .rag.errors import RagError
 
         if isinstance(e, (DataError, MethodError, ModelError, PlanError, DistillError, FileNotFoundError,
-                          AdapterError, KeyFileError, DistributedError, ExportError)):
+                          AdapterError, KeyFileError, DistributedError, ExportError, RagError)):
             print(f"tunekit: {e}", file=sys.stderr)
             return 2
         raise

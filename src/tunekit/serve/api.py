@@ -94,19 +94,20 @@ class BodyLimit:
 
 def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, embedder: Embedder | None = None,
               limits: Limits | None = None, request_log=None, erasure_stores: dict | None = None,
-              rag=None) -> FastAPI:
+              rag=None, rag_store: str | None = None) -> FastAPI:
     """request_log: a tunekit.privacy.requestlog.RequestLog (None: nothing is logged); erasure_stores: extra
-    {name: fn(user) -> count} that DELETE /v1/admin/users/{id}/data clears besides the log store."""
+    {name: fn(user) -> count} that DELETE /v1/admin/users/{id}/data clears besides the log store; rag: a
+    tunekit.rag.service.RagService, else one over `rag_store` (None: $TUNEKIT_RAG_STORE, else ~/.cache/tunekit/rag)."""
     metrics = metrics or engine.metrics or Metrics()
     engine.metrics = engine.metrics or metrics
     for name in [engine.model_name, *engine.adapters]:  # listed from the start, also while idle
         metrics.adapter_listed(name)
     embedder = embedder or Embedder()
-    if rag is None:  # `"rag"` in chat, /v1/rag/search: the store of $TUNEKIT_RAG_STORE (else ~/.cache/tunekit/rag),
-        from ..rag.service import RagService  # opened on first use, with this server's embedding model
+    if rag is None:  # `"rag"` in chat, /v1/rag/search: opened on first use, with this server's embedding model
+        from ..rag.service import RagService
 
-        rag = RagService(embedding_model=None if embedder.path is None or embedder.name == DEFAULT_EMBEDDING_MODEL
-                         else str(embedder.path))
+        default = embedder.path is None or embedder.name == DEFAULT_EMBEDDING_MODEL
+        rag = RagService(rag_store, embedding_model=None if default else str(embedder.path))
     limits = limits or Limits()
     app = FastAPI(title="tunekit serve", version="1", description="OpenAI-compatible API of one base model and "
                   "its adapters. Every route except /health needs `Authorization: Bearer <key>`.")

@@ -59,7 +59,7 @@ class RagOptions(BaseModel):
     """tunekit extension (`extra_body={"rag": {...}}`): retrieve from a collection and answer with citations."""
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error naming it, not silently ignored
     collection: str = Field(min_length=1, max_length=63)
-    top_k: int = Field(5, ge=1, le=50)
+    top_k: int = Field(5, ge=1, le=50, strict=True)  # strict: true or "5" is a wrong type, not 1 or 5
     retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
     sources: list[str] | None = Field(None, description="only chunks of these sources")
 

@@ -55,7 +55,9 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
         api_keys: str | None = None, embedding_model: str | None = None, print_vllm: bool = False,
         pin: list[str] | None = None, max_body_bytes: int = 1 << 20, max_tokens: int = 2048,
         log: str = "metadata", log_db: str | None = None, retention_days: float | None = None,
-        log_full_consent: bool = False) -> int:
+        log_full_consent: bool = False, rag_store: str | None = None) -> int:
+    """rag_store: the RAG store's URL or folder (None: $TUNEKIT_RAG_STORE, else $TUNEKIT_CACHE/rag, opened on first
+    use); one given here is opened before the model loads, so a bad URL or an unreachable server fails at once."""
     import uvicorn
 
     from .api import Limits, build_app
@@ -71,6 +73,10 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     metrics = Metrics()
     request_log = None if print_vllm else open_request_log(log, log_db, retention_days, log_full_consent,
                                                            metrics.registry)  # a bad store fails before loading
+    if rag_store and not print_vllm:
+        from ..rag.stores import open_store
+
+        open_store(rag_store).close()  # RagError: unknown URL, cannot connect, bad option
     print(f"[tunekit] loading {opts.model} ...", file=sys.stderr, flush=True)
     engine = Engine(opts, metrics=metrics)
     for name, path in (adapter_folders(adapters_dir) if adapters_dir else {}).items():
@@ -90,7 +96,7 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
         generated = keys.generate()
     app = build_app(engine, keys, metrics, Embedder(embedding_model), Limits(max_body_bytes=max_body_bytes,
                                                                               max_tokens=max_tokens),
-                    request_log=request_log)
+                    request_log=request_log, rag_store=rag_store)
     url = f"http://{host}:{port}"
     print(f"\ntunekit serve: {url}  (base {engine.model_name}, {str(engine.dtype).replace('torch.', '')}"
           f"{', int8 weights' if opts.quantize else ''}; {len(engine.adapters)} adapter(s): "
