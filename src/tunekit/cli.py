@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             lp.add_argument("--out", required=True)
 
+    sub.add_parser("federate", help="federated fine-tuning across data owners on Flower (see `tunekit federate "
+                   "--help`)", add_help=False)
     sub.add_parser("rag", help="retrieval: `tunekit rag ingest|search|ask|eval|make-data|list|drop` (see "
                    "`tunekit rag --help`)", add_help=False)
     ex = sub.add_parser("export", help="a run as a merged transformers folder, GGUF (+ Ollama Modelfile), a llama.cpp "
@@ -330,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_serve(argv[2:])
             return 0
+        if argv[:1] == ["federate"]:
+            from .federated.cli import main as federate_main  # Flower runs from its own venv (federated/runtime.py)
+
+            return federate_main(argv[1:])
         if argv[:1] == ["rag"]:
             from .rag.cli import main as rag_main  # prints its own errors (RagError) as one clean line
 
