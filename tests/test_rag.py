@@ -310,3 +310,36 @@ def test_facts_demo_is_seeded_and_splits_phrasings(tmp_path):
                                                                                      .index(s)]["facts"][f]
                          for s, f in moved)
     assert facts_demo.normalised_match("The price is 1,299.00 EUR.", "1299.00 EUR")
+
+
+def test_sources_of_an_owner_and_their_erasure(tmp_path, store, name, embedder):
+    """Ingest with an owner (a user pseudonym) records it per file; erase_owner deletes exactly that owner's files
+    from every collection, and their text is gone from the store (search, chunks, and for FAISS the files on disk)."""
+    from tunekit.rag.ingest import ingest_documents
+    from tunekit.rag.retrieve import Retriever
+    from tunekit.rag.service import erase_owner
+
+    docs = {"alice": [Document("alice/contract.txt", [Section("", "Alice Zeldenrust signed the lease for flat 7.")]),
+                      Document("alice/letter.txt", [Section("", "Alice Zeldenrust asks for a parking permit.")])],
+            "bob": [Document("bob/note.txt", [Section("", "Bob Quarendon reports a broken heater in flat 9.")])]}
+    other = f"{name}b"
+    for user, d in docs.items():
+        ingest_documents(d, name, store, embedder, owner=f"ref-{user}")
+    ingest_documents([Document("alice/copy.txt", [Section("", "Alice Zeldenrust, flat 7, lease copy.")])], other,
+                     store, embedder, owner="ref-alice")
+    ingest_documents([Document("public.txt", [Section("", "The office opens at nine.")])], other, store, embedder)
+    assert store.sources_of(name, "ref-alice") == ["alice/contract.txt", "alice/letter.txt"]
+    assert store.sources_of(name, "ref-nobody") == []
+    counts = erase_owner(store, "ref-alice")
+    assert counts == {name: {"files": 2, "chunks": 2}, other: {"files": 1, "chunks": 1}}
+    assert set(store.files(name)) == {"bob/note.txt"} and set(store.files(other)) == {"public.txt"}
+    for c in (name, other):
+        assert store.sources_of(c, "ref-alice") == []
+        assert not any("Zeldenrust" in ch.text for ch in store.all_chunks(c))
+        hits = Retriever(store, c, embedder).search("Alice Zeldenrust lease", "hybrid", 10)
+        assert not any("Zeldenrust" in h.chunk.text for h in hits)
+    assert erase_owner(store, "ref-alice") == {}
+    if store.url.startswith("faiss://"):
+        store.close()
+        on_disk = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+        assert b"Zeldenrust" not in on_disk and b"Quarendon" in on_disk

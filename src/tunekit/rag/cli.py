@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_OVERLAP})")
     i.add_argument("--no-prune", action="store_true", help="keep files that disappeared from the folders")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.add_argument("--owner", default=None, help="the user these files came from: a pseudonym of it is recorded "
+                   "with each file, and `tunekit logs erase --user USER` deletes them (docs/privacy.md)")
 
     sub.add_parser("list", parents=[store], help="the collections of a store")
 
@@ -98,9 +100,14 @@ def run(args) -> int:
         from .embed import EmbeddingModel
         from .ingest import ingest
 
+        owner = None
+        if args.owner:
+            from ..privacy.erasure import owner_ref
+
+            owner = owner_ref(args.owner)
         report = ingest(args.inputs, args.collection, args.store, EmbeddingModel(args.embedding_model),
                         args.language, args.chunk_tokens, args.overlap, progress=not args.quiet,
-                        prune=not args.no_prune)
+                        prune=not args.no_prune, owner=owner)
         print(report.summary())
         for source, reason in report.skipped:
             print(f"  skipped: {reason}")

@@ -53,8 +53,11 @@ def digest(data: bytes | str) -> str:
 
 def ingest(inputs: list[str | Path], collection: str, store: str | Store | None = None,
            embedder: EmbeddingModel | None = None, language: str = "english", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-           overlap: int = DEFAULT_OVERLAP, progress: bool = True, prune: bool = True) -> IngestReport:
-    """Ingest files and folders (recursively) into `collection`; see the module docstring."""
+           overlap: int = DEFAULT_OVERLAP, progress: bool = True, prune: bool = True,
+           owner: str | None = None) -> IngestReport:
+    """Ingest files and folders (recursively) into `collection`; see the module docstring. owner: recorded with
+    every file (an opaque string, e.g. the uploader's pseudonym) so an erasure request finds them
+    (`Store.sources_of`)."""
     paths = find_files(inputs)
     folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
 
@@ -69,13 +72,13 @@ def ingest(inputs: list[str | Path], collection: str, store: str | Store | None 
         return source in given or any(Path(source).is_relative_to(f) for f in folders)
 
     return _ingest_items(items(), len(paths), collection, store, embedder, language, chunk_tokens, overlap, progress,
-                         under_inputs if prune else None)
+                         under_inputs if prune else None, owner)
 
 
 def ingest_documents(documents: list[Document], collection: str, store: str | Store | None = None,
                      embedder: EmbeddingModel | None = None, language: str = "english",
                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS, overlap: int = DEFAULT_OVERLAP,
-                     progress: bool = False, prune: bool = False) -> IngestReport:
+                     progress: bool = False, prune: bool = False, owner: str | None = None) -> IngestReport:
     """The same for documents built in Python (their `source` is the id; the hash is that of their text).
     prune=True deletes every source of the collection that is not among `documents`."""
     def items():
@@ -83,7 +86,7 @@ def ingest_documents(documents: list[Document], collection: str, store: str | St
             yield doc.source, lambda doc=doc: (digest(doc.full_text()), doc)
 
     return _ingest_items(items(), len(documents), collection, store, embedder, language, chunk_tokens, overlap,
-                         progress, (lambda source: True) if prune else None)
+                         progress, (lambda source: True) if prune else None, owner)
 
 
 def _read(path: Path, source: str):
@@ -92,7 +95,7 @@ def _read(path: Path, source: str):
 
 
 def _ingest_items(items, n_items: int, collection: str, store, embedder, language: str, chunk_tokens: int,
-                  overlap: int, progress: bool, prune_scope) -> IngestReport:
+                  overlap: int, progress: bool, prune_scope, owner: str | None = None) -> IngestReport:
     from tqdm import tqdm
 
     if language not in LANGUAGES:
@@ -121,6 +124,8 @@ def _ingest_items(items, n_items: int, collection: str, store, embedder, languag
         at = 0
         for source, h, chunks, update in pending:
             store.replace_file(collection, source, h, chunks, vectors[at:at + len(chunks)])
+            if owner:
+                store.set_owner(collection, source, owner)
             at += len(chunks)
             report.chunks += len(chunks)
             report.updated += update
@@ -137,6 +142,8 @@ def _ingest_items(items, n_items: int, collection: str, store, embedder, languag
                 h, loader = read()
                 if known.get(source) == h:
                     report.unchanged += 1
+                    if owner:
+                        store.set_owner(collection, source, owner)
                     continue
                 doc = loader() if callable(loader) else loader
                 chunks = chunk_document(doc, embedder.tokenizer, chunk_tokens, overlap)

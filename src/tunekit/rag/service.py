@@ -60,6 +60,23 @@ class RagService:
             return self._retriever(collection).search(query, method, top_k, sources, vector=vector)
 
 
+    def erase_owner(self, owner: str) -> dict[str, dict[str, int]]:
+        """Delete every source recorded with this owner from every collection: {collection: {files, chunks}}
+        (collections without any are left out)."""
+        with self._use:
+            return erase_owner(self.store, owner)
+
+
+def erase_owner(store: Store, owner: str) -> dict[str, dict[str, int]]:
+    out = {}
+    for name in store.collections():
+        sources = store.sources_of(name, owner)
+        if sources:
+            out[name] = {"files": len(sources), "chunks": sum(store.delete_file(name, s) for s in sources)}
+            store.flush(name)
+    return out
+
+
 def last_user_text(messages: list[dict]) -> str:
     for m in reversed(messages):
         if m["role"] == "user":

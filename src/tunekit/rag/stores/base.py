@@ -1,7 +1,8 @@
 """The interface every store implements, and `open_store(url)` that picks one by its URL.
 
 A store holds collections. A collection records the embedding model and dimension it was built with, the BM25
-language, its files (source -> content hash) and its chunks (text, metadata, vector). Writes are per file and
+language, its files (source -> content hash, and optionally the owner it was ingested for) and its chunks (text,
+metadata, vector). Writes are per file and
 atomic: `replace_file` removes a source's old chunks and adds the new ones in one transaction, so an interrupted
 ingest leaves every file either wholly old or wholly new, and the next ingest carries on from there.
 
@@ -96,7 +97,17 @@ class Store:
         """Atomically: the source's old chunks out, these in, its hash recorded."""
         raise NotImplementedError
 
-    def delete_file(self, name: str, source: str) -> None:
+    def delete_file(self, name: str, source: str) -> int:
+        """Remove the source's chunks, hash and owner; returns how many chunks went."""
+        raise NotImplementedError
+
+    def set_owner(self, name: str, source: str, owner: str) -> None:
+        """Record who a source came from (an opaque string, e.g. a user pseudonym), so `sources_of` finds it for
+        an erasure request."""
+        raise NotImplementedError
+
+    def sources_of(self, name: str, owner: str) -> list[str]:
+        """The sources recorded with this owner."""
         raise NotImplementedError
 
     def dense_search(self, name: str, vector: np.ndarray, k: int, sources: list[str] | None = None

@@ -26,6 +26,8 @@ create table if not exists files (source text primary key, hash text not null);
 create table if not exists chunks (id integer primary key autoincrement, source text not null, heading text,
   page integer, chunk_no integer, start_char integer, end_char integer, text text not null, vector blob not null);
 create index if not exists chunks_source on chunks(source);
+create table if not exists owners (source text primary key, owner text not null);
+create index if not exists owners_owner on owners(owner);
 """
 COLUMNS = "id, source, heading, page, chunk_no, start_char, end_char, text"
 
@@ -63,6 +65,7 @@ class FaissStore(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         conn.execute("pragma journal_mode=wal")
+        conn.execute("pragma secure_delete=on")  # deleted chunks are overwritten, not left in free pages (erasure)
         conn.executescript(SCHEMA)
         self._db[name] = conn
         return conn
@@ -116,7 +119,7 @@ class FaissStore(Store):
             raise
         self._apply(name, index, old, ids, vectors)
 
-    def delete_file(self, name, source) -> None:
+    def delete_file(self, name, source) -> int:
         conn = self._conn(name)
         index = self._faiss(name)
         conn.execute("begin immediate")
@@ -124,12 +127,21 @@ class FaissStore(Store):
             old = [r[0] for r in conn.execute("select id from chunks where source = ?", (source,))]
             conn.execute("delete from chunks where source = ?", (source,))
             conn.execute("delete from files where source = ?", (source,))
+            conn.execute("delete from owners where source = ?", (source,))
             conn.execute("update collection set version = version + 1")
             conn.execute("commit")
         except BaseException:
             conn.execute("rollback")
             raise
         self._apply(name, index, old, [], np.zeros((0, 1), np.float32))
+        return len(old)
+
+    def set_owner(self, name, source, owner) -> None:
+        self._conn(name).execute("insert or replace into owners values (?, ?)", (source, owner))
+
+    def sources_of(self, name, owner) -> list[str]:
+        return [r[0] for r in self._conn(name).execute("select source from owners where owner = ? order by source",
+                                                       (owner,))]
 
     def _apply(self, name, index, removed: list[int], ids: list[int], vectors: np.ndarray) -> None:
         """Mirror one committed file change into the in-memory FAISS index."""
@@ -208,6 +220,7 @@ class FaissStore(Store):
         stamp = path.with_suffix(".version")
         stamp.with_suffix(".tmp").write_text(str(self.version(name)))
         stamp.with_suffix(".tmp").replace(stamp)
+        self._conn(name).execute("pragma wal_checkpoint(TRUNCATE)")  # no old page images left in the WAL file
         self._dirty.discard(name)
 
     # ---- reads ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ unit vectors = cosine), and two shared tables for collections and files.
 
     tunekit_rag_collections (name, id, model, dim, language, index_kind, version)
     tunekit_rag_files       (collection, source, hash)
+    tunekit_rag_owners      (collection, source, owner)   who a source was ingested for (erasure requests)
     tunekit_rag_chunks_<id> (id, source, heading, page, chunk_no, start_char, end_char, text, embedding vector(dim))
 
 Each file is one transaction. Filtered searches use pgvector's iterative index scans (0.8+), so a filter that keeps
@@ -26,6 +27,9 @@ create table if not exists tunekit_rag_collections (name text primary key, id se
   dim integer not null, language text not null, index_kind text not null, version bigint not null default 0);
 create table if not exists tunekit_rag_files (collection text not null references tunekit_rag_collections(name)
   on delete cascade, source text not null, hash text not null, primary key (collection, source));
+create table if not exists tunekit_rag_owners (collection text not null references tunekit_rag_collections(name)
+  on delete cascade, source text not null, owner text not null, primary key (collection, source));
+create index if not exists tunekit_rag_owners_owner on tunekit_rag_owners (collection, owner);
 """
 COLUMNS = "id, source, heading, page, chunk_no, start_char, end_char, text"
 EF_SEARCH = 100
@@ -127,12 +131,26 @@ class PostgresStore(Store):
                               "do update set hash = excluded.hash", (name, source, digest))
             self.conn.execute("update tunekit_rag_collections set version = version + 1 where name = %s", (name,))
 
-    def delete_file(self, name, source) -> None:
+    def delete_file(self, name, source) -> int:
         table = self._table(name)
         with self._lock, self.conn.transaction():
-            self.conn.execute(f"delete from {table} where source = %s", (source,))
+            n = self.conn.execute(f"delete from {table} where source = %s", (source,)).rowcount
             self.conn.execute("delete from tunekit_rag_files where collection = %s and source = %s", (name, source))
+            self.conn.execute("delete from tunekit_rag_owners where collection = %s and source = %s", (name, source))
             self.conn.execute("update tunekit_rag_collections set version = version + 1 where name = %s", (name,))
+        return n
+
+    def set_owner(self, name, source, owner) -> None:
+        self._table(name)
+        with self._lock:
+            self.conn.execute("insert into tunekit_rag_owners values (%s, %s, %s) on conflict (collection, source) "
+                              "do update set owner = excluded.owner", (name, source, owner))
+
+    def sources_of(self, name, owner) -> list[str]:
+        self._table(name)
+        with self._lock:
+            return [r[0] for r in self.conn.execute("select source from tunekit_rag_owners where collection = %s "
+                                                    "and owner = %s order by source", (name, owner))]
 
     def drop(self, name) -> None:
         table = self._table(name)
