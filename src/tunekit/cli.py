@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "sqlite under $TUNEKIT_CACHE/logs/requests.db)")
     sv.add_argument("--retention-days", type=float, default=None, help="delete log rows older than this (hourly)")
     sv.add_argument("--log-full-consent", action="store_true", help="confirm --log full (see docs/privacy.md)")
+    sv.add_argument("--log-writer", default="process", choices=["process", "thread"], help="where log rows are "
+                    "redacted and written: a writer process (off the server's cores and GIL; rows already handed to "
+                    "it survive a server crash) or a thread in the server")
     dt = sub.add_parser("data", help="personal data in training files: `tunekit data scan FILE`, "
                         "`tunekit data redact FILE --out FILE2`")
     dt_sub = dt.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -270,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
             lp.add_argument("--days", type=float, required=True)
         if name in ("erase", "export"):
             lp.add_argument("--user", required=True)
+        if name == "erase":
+            lp.add_argument("--rag-store", default=None, help="RAG store whose files ingested with --owner USER are "
+                            "deleted too (default: the one tunekit serve and tunekit rag use)")
+            lp.add_argument("--no-rag", action="store_true", help="erase from the log store only")
         if name == "export":
             lp.add_argument("--out", required=True)
 
@@ -417,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                          embedding_model=args.embedding_model, print_vllm=args.print_vllm, pin=args.pin,
                          max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, log=args.log,
                          log_db=args.log_db, retention_days=args.retention_days,
-                         log_full_consent=args.log_full_consent, rag_store=args.rag_store)
+                         log_full_consent=args.log_full_consent, rag_store=args.rag_store,
+                         log_writer=args.log_writer)
         elif args.command in ("data", "logs"):
             from .privacy.cli import run as privacy_command
 

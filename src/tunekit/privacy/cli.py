@@ -27,7 +27,12 @@ def run(args) -> int:
     if args.logs_command == "purge":
         print(f"purged {store.purge(args.days)} row(s) older than {args.days:g} days")
     elif args.logs_command == "erase":
-        counts = store.erase_user(args.user, actor="cli")
+        extra = {}
+        if not args.no_rag:
+            from .erasure import rag_eraser
+
+            extra["rag"] = rag_eraser(args.rag_store)  # default: $TUNEKIT_RAG_STORE, else $TUNEKIT_CACHE/rag
+        counts = store.erase_user(args.user, actor="cli", extra_stores=extra)
         print(json.dumps({"erased": counts}))
     elif args.logs_command == "export":
         n = store.export_user(args.user, args.out)

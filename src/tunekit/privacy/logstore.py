@@ -132,6 +132,7 @@ class LogStore:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; a crash keeps commits
                 cur.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
+                cur.execute("PRAGMA secure_delete=ON")  # erased and purged rows are overwritten, not left in free pages
                 cur.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
                 cur.close()
         try:
@@ -176,11 +177,16 @@ class LogStore:
             return c.execute(delete(request_log).where(request_log.c.created_at < cutoff)).rowcount
 
     def erase_user(self, user: str, actor: str = "cli", extra_stores: dict | None = None) -> dict[str, int]:
-        """Remove every row and file of `user` from the log store and the derived stores; audit it.
+        """Remove every row and file of `user` from the derived stores and the log store; audit it.
 
-        extra_stores: {name: fn(user) -> count} for stores outside this database (RAG collections, caches)."""
+        extra_stores: {name: fn(user) -> count or {part: count}} for stores outside this database (RAG collections,
+        caches). They run first: if one fails, nothing is deleted here and no audit row claims an erasure, so the
+        request can simply be repeated (every step is idempotent)."""
         ref = self.user_ref(user)
-        counts: dict[str, int] = {}
+        counts: dict = {}
+        for name, fn in (extra_stores or {}).items():
+            found = fn(user)
+            counts[name] = found if isinstance(found, dict) else int(found)
         with self.engine.begin() as c:
             counts["request_log"] = c.execute(delete(request_log).where(request_log.c.user_ref == ref)).rowcount
             paths = [r[0] for r in c.execute(select(log_exports.c.path).where(log_exports.c.user_ref == ref))]
@@ -193,8 +199,10 @@ class LogStore:
                     pass
             c.execute(delete(log_exports).where(log_exports.c.user_ref == ref))
             counts["exported_jsonl"] = removed
-        for name, fn in (extra_stores or {}).items():
-            counts[name] = int(fn(user))
+        if self.engine.dialect.name == "sqlite":  # no page image of the erased rows left in the WAL file
+            with self.engine.connect() as c:
+                c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        counts = {"request_log": counts.pop("request_log"), "exported_jsonl": counts.pop("exported_jsonl"), **counts}
         with self.engine.begin() as c:
             c.execute(insert(erasure_audit).values(at=datetime.now(timezone.utc), actor=actor, user_ref=ref,
                                                    counts=counts))

@@ -23,7 +23,10 @@ from .redactor import Redactor, shared_redactor
 
 
 def _say(msg: str) -> None:
-    print(f"[tunekit] {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"[tunekit] {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr gone (the server was killed): the writer goes on
+        pass
 
 
 class RequestLog:
@@ -60,9 +63,13 @@ class RequestLog:
     def record(self, *, route: str, status: int, latency_ms: float, key_id: str | None = None,
                user: str | None = None, model: str | None = None, prompt_tokens: int | None = None, completion_tokens: int | None = None,
                error: str | None = None, prompt=None, answer=None) -> bool:
-        row = {"created_at": datetime.now(timezone.utc), "key_id": key_id, "user": user, "model": model,
-               "route": route, "status": status, "latency_ms": int(latency_ms), "prompt_tokens": prompt_tokens,
-               "completion_tokens": completion_tokens, "error": error, "prompt": prompt, "answer": answer}
+        return self.put_row({"created_at": datetime.now(timezone.utc), "key_id": key_id, "user": user,
+                             "model": model, "route": route, "status": status, "latency_ms": int(latency_ms),
+                             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "error": error,
+                             "prompt": prompt, "answer": answer})
+
+    def put_row(self, row: dict) -> bool:
+        """Queue a row as record() builds it (the writer process feeds rows from its pipe here)."""
         try:
             self.queue.put_nowait(row)
             with self._count_lock:
@@ -112,6 +119,7 @@ class RequestLog:
     def _run(self) -> None:
         if self._redactor is None:  # loaded here at start (spaCy: seconds), not on the request path nor at row 1
             self._redactor = shared_redactor()
+        self.ready = True
         backoff, next_purge = 0.1, time.monotonic()
         while True:
             if not self._pending:
@@ -159,16 +167,19 @@ class RequestLog:
             time.sleep(0.02)
         return self.written + self.lost >= target
 
-    def close(self, timeout: float = 10.0) -> dict:
-        """Write what is queued (giving an unreachable store `timeout` seconds), stop the thread, report."""
+    def close(self, timeout: float = 10.0, wait: float | None = 5.0) -> dict:
+        """Write what is queued (giving an unreachable store `timeout` seconds), stop the thread, report.
+        wait: seconds beyond `timeout` to wait for the writer (None: until every queued row is written or given up
+        on; the writer process uses that, since its rows have nowhere else to go)."""
         self._give_up_at = time.monotonic() + timeout
         self._stop.set()
-        self.thread.join(timeout + 5)
+        self.thread.join(None if wait is None else timeout + wait)
         return self.stats()
 
     def stats(self) -> dict:
         return {"mode": self.mode, "written": self.written, "dropped": self.dropped, "queued": self.queue.qsize()
                 + len(self._pending), "failed_batches": self.failed_batches, "purged": self.purged,
-                "store_error": self.last_error}
+                "store_error": self.last_error, "ready": self.ready}
 
     _give_up_at = float("inf")
+    ready = False  # the writer has its redactor and takes rows

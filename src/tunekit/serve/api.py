@@ -108,6 +108,10 @@ def build_app(engine: Engine, keys: KeyStore, metrics: Metrics | None = None, em
 
         default = embedder.path is None or embedder.name == DEFAULT_EMBEDDING_MODEL
         rag = RagService(rag_store, embedding_model=None if default else str(embedder.path))
+    if request_log is not None and "rag" not in (erasure_stores or {}):  # files ingested with --owner USER
+        from ..privacy.erasure import rag_eraser
+
+        erasure_stores = {**(erasure_stores or {}), "rag": rag_eraser(rag)}
     limits = limits or Limits()
     app = FastAPI(title="tunekit serve", version="1", description="OpenAI-compatible API of one base model and "
                   "its adapters. Every route except /health needs `Authorization: Bearer <key>`.")

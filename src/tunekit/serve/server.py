@@ -55,7 +55,7 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
         api_keys: str | None = None, embedding_model: str | None = None, print_vllm: bool = False,
         pin: list[str] | None = None, max_body_bytes: int = 1 << 20, max_tokens: int = 2048,
         log: str = "metadata", log_db: str | None = None, retention_days: float | None = None,
-        log_full_consent: bool = False, rag_store: str | None = None) -> int:
+        log_full_consent: bool = False, rag_store: str | None = None, log_writer: str = "process") -> int:
     """rag_store: the RAG store's URL or folder (None: $TUNEKIT_RAG_STORE, else $TUNEKIT_CACHE/rag, opened on first
     use); one given here is opened before the model loads, so a bad URL or an unreachable server fails at once."""
     import uvicorn
@@ -72,7 +72,7 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
               "shapes, docs/serving.md); it saves memory, not time", file=sys.stderr, flush=True)
     metrics = Metrics()
     request_log = None if print_vllm else open_request_log(log, log_db, retention_days, log_full_consent,
-                                                           metrics.registry)  # a bad store fails before loading
+                                                           metrics.registry, log_writer)  # a bad store fails before loading
     if rag_store and not print_vllm:
         from ..rag.stores import open_store
 
@@ -129,11 +129,13 @@ def run(opts: ServeOptions, adapters_dir: str | None = None, host: str = "127.0.
     return 0 if server.started else 1
 
 
-def open_request_log(mode: str, url: str | None, retention_days: float | None, full_consent: bool, registry):
+def open_request_log(mode: str, url: str | None, retention_days: float | None, full_consent: bool, registry,
+                     writer: str = "process"):
     """The request log of `tunekit serve --log MODE` (None for off); an unreachable store is an error here."""
     if mode == "off":
         return None
     from ..privacy.logstore import LogStore, LogStoreError, redact_url
+    from ..privacy.logwriter import ProcessRequestLog
     from ..privacy.requestlog import RequestLog
 
     if mode == "full":
@@ -146,4 +148,5 @@ def open_request_log(mode: str, url: str | None, retention_days: float | None, f
     store = LogStore(url)
     print(f"[tunekit] request log: {mode} -> {redact_url(store.url)}"
           f"{f', rows kept {retention_days:g} days' if retention_days else ''}", file=sys.stderr, flush=True)
-    return RequestLog(store, mode, retention_days=retention_days, registry=registry)
+    log_class = ProcessRequestLog if writer == "process" else RequestLog  # process: redaction off our GIL
+    return log_class(store, mode, retention_days=retention_days, registry=registry)
