@@ -34,6 +34,11 @@ def redactor():
     ("Sehr geehrte Frau Müller,", "de", "PERSON", "Müller"),
     ("Hello, I am John Smith.", "en", "PERSON", "John Smith"),
     ("Bonjour, je suis Marie Dupont.", "fr", "PERSON", "Marie Dupont"),
+    # names on no list: letters beyond Latin-1, a cue word before them, a surname ending
+    ("Namens Elżbieta Kopiczko stuur ik u de offerte.", "nl", "PERSON", "Elżbieta Kopiczko"),
+    ("Ansprechpartner: Şüküfe Ertaş", "de", "PERSON", "Şüküfe Ertaş"),
+    ("Viele Grüße\nSoňa Doležal", "de", "PERSON", "Soňa Doležal"),
+    ("Heute rief Feyruz Tevetoğlu an.", "de", "PERSON", "Feyruz Tevetoğlu"),
 ])
 def test_finds_each_type(redactor, text, lang, entity, value):
     found = [(f.entity, f.text) for f in redactor.find(text, lang)]
@@ -47,6 +52,9 @@ def test_finds_each_type(redactor, text, lang, entity, value):
     ("Referentie ORD-0612345678 staat klaar.", "nl"),
     ("Total due: EUR 1,234.56 by 2025-03-14.", "en"),
     ("Factuur 2024-0612 betreft 12 stuks.", "nl"),
+    ("Gemeente Den Haag heeft de vergunning verleend.", "nl"),  # capitalised, and Haag is a last name
+    ("Koninklijke Philips meldt hogere omzet.", "nl"),
+    ("Die Stadtwerke München melden eine Störung.", "de"),
 ])
 def test_hard_negatives_find_nothing(redactor, text, lang):
     assert redactor.find(text, lang) == []

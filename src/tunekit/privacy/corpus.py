@@ -195,6 +195,88 @@ def generate(n_per_language: int = 300, seed: int = 0, negative_share: float = 0
     return out
 
 
+# Held-out names for nl/de: templates written apart from TEMPLATES (other sentences, other cue words) and names from
+# Faker locales that the name lists do not include (Turkish, Polish, Italian, Spanish, Portuguese, Danish, Czech:
+# customers of Dutch and German firms), so neither the lists nor the templates were tuned on them.
+HELDOUT_TEMPLATES = {
+    "nl": ["Namens {PERSON} stuur ik u de offerte.", "Ik ben {PERSON} en ik woon sinds maart in Leiden.",
+           "Vandaag sprak ik met {PERSON} over de huurachterstand.", "T.a.v. {PERSON}, Postbus 1200, 3500 BE Utrecht",
+           "Groetjes,\n{PERSON}", "De monteur, {PERSON}, komt dinsdag tussen 8 en 12 uur.",
+           "Volgens {PERSON} is het pakket nooit bezorgd.", "Mijn naam is {PERSON}, klantnummer 448812.",
+           "{PERSON} heeft de klacht gisteren ingediend.", "Aanvrager: {PERSON}",
+           "Kunt u {PERSON} terugbellen? Hij wacht op antwoord.", "Hartelijke groet, {PERSON}, afdeling inkoop"],
+    "de": ["Im Auftrag von {PERSON} sende ich Ihnen das Angebot.", "Ich heiße {PERSON} und wohne seit März in Köln.",
+           "Heute habe ich mit {PERSON} über die Mietschulden gesprochen.",
+           "z. H. {PERSON}, Postfach 1200, 80331 München", "Viele Grüße\n{PERSON}",
+           "Der Techniker, {PERSON}, kommt am Dienstag zwischen 8 und 12 Uhr.",
+           "Laut {PERSON} wurde das Paket nie zugestellt.", "Mein Name ist {PERSON}, Kundennummer 448812.",
+           "{PERSON} hat die Beschwerde gestern eingereicht.", "Antragsteller: {PERSON}",
+           "Können Sie {PERSON} zurückrufen? Er wartet auf Antwort.", "Beste Grüße, {PERSON}, Einkauf"],
+}
+HELDOUT_NEGATIVES = {
+    "nl": ["Gemeente Den Haag heeft de vergunning verleend.", "Bij Albert Heijn in Zwolle is de actie verlengd.",
+           "De Nederlandse Spoorwegen rijden minder treinen.", "Het Rijksmuseum Amsterdam is maandag open.",
+           "Graag ontvangen wij de Algemene Voorwaarden getekend retour.", "Koninklijke Philips meldt hogere omzet."],
+    "de": ["Die Deutsche Bahn streicht Verbindungen nach Hamburg.", "Die Stadtwerke München melden eine Störung.",
+           "Bitte senden Sie die Allgemeinen Geschäftsbedingungen unterschrieben zurück.",
+           "Das Landratsamt Freising ist geschlossen.", "Der Europäische Gerichtshof hat entschieden.",
+           "Volkswagen Financial Services bestätigt den Vertrag."],
+}
+HELDOUT_LOCALES = ["tr_TR", "pl_PL", "it_IT", "es_ES", "pt_PT", "da_DK", "cs_CZ"]
+# the test set: written after the name rules (CUES, SURNAME_ENDINGS) were fixed on the set above, and never used to
+# change them; names from yet other locales
+TEST_TEMPLATES = {
+    "nl": ["Gisteren heeft {PERSON} de sleutel ingeleverd bij de receptie.",
+           "Wilt u de factuur op naam van {PERSON} zetten?", "Afzender: {PERSON}, Kerkstraat 4, Delft",
+           "Het pakket is afgegeven aan {PERSON}.", "Met vriendelijke groeten,\n\n{PERSON}\nKlantenservice",
+           "Onze collega {PERSON} neemt contact met u op.", "Zoals {PERSON} al schreef, is de levering vertraagd.",
+           "Betreft: klacht van {PERSON}", "Ondergetekende, {PERSON}, verklaart dat de gegevens kloppen.",
+           "{PERSON} (huurder) meldt een lekkage."],
+    "de": ["Gestern hat {PERSON} den Schlüssel an der Rezeption abgegeben.",
+           "Bitte stellen Sie die Rechnung auf {PERSON} aus.", "Absender: {PERSON}, Hauptstraße 4, Bonn",
+           "Das Paket wurde an {PERSON} übergeben.", "Mit freundlichen Grüßen\n\n{PERSON}\nKundenservice",
+           "Unsere Kollegin {PERSON} meldet sich bei Ihnen.",
+           "Wie {PERSON} bereits schrieb, verzögert sich die Lieferung.", "Betreff: Beschwerde von {PERSON}",
+           "Der Unterzeichnende, {PERSON}, bestätigt die Angaben.", "{PERSON} (Mieter) meldet einen Wasserschaden."],
+}
+TEST_NEGATIVES = {
+    "nl": ["De Belastingdienst stuurt een nieuwe aanslag.", "Vanaf Schiphol Plaza vertrekt de bus.",
+           "De Raad van State doet uitspraak.", "Het Openbaar Ministerie seponeert de zaak."],
+    "de": ["Die Techniker Krankenkasse erhöht den Beitrag.", "Ab Frankfurt Flughafen fährt der Bus.",
+           "Das Bundesverfassungsgericht hat entschieden.", "Die Deutsche Telekom meldet eine Störung."],
+}
+TEST_LOCALES = ["ro_RO", "hu_HU", "sk_SK", "hr_HR", "fi_FI", "sv_SE", "no_NO"]
+
+
+def generate_heldout_names(n_per_language: int = 240, seed: int = 1, split: str = "dev") -> list[dict]:
+    """nl/de strings with PERSON spans (names unknown to the lists) and a fifth capitalised non-names.
+    split: dev (the set the name rules were tuned on) or test (written after, never tuned on)."""
+    from faker import Faker
+
+    templates, negatives, locales = ((HELDOUT_TEMPLATES, HELDOUT_NEGATIVES, HELDOUT_LOCALES) if split == "dev"
+                                     else (TEST_TEMPLATES, TEST_NEGATIVES, TEST_LOCALES))
+    rng = random.Random(seed)
+    fakes = [Faker(loc) for loc in locales]
+    for i, f in enumerate(fakes):
+        f.seed_instance(seed * 100 + i)
+    out = []
+    for lang in templates:
+        for k in range(n_per_language):
+            if k % 5 == 4:
+                neg = negatives[lang]
+                out.append({"id": f"{split}-{lang}-{k:04d}", "lang": lang, "text": neg[(k // 5) % len(neg)], "spans": [],
+                            "kind": "negative"})
+                continue
+            t = templates[lang][k % len(templates[lang])]
+            fake = rng.choice(fakes)
+            name = f"{fake.first_name()} {fake.last_name()}"
+            at = t.index("{PERSON}")
+            out.append({"id": f"{split}-{lang}-{k:04d}", "lang": lang, "text": t.replace("{PERSON}", name),
+                        "spans": [{"entity": "PERSON", "start": at, "end": at + len(name), "value": name}],
+                        "kind": "positive"})
+    return out
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,7 @@ def plot(results: dict[str, dict], path: str | Path) -> None:
     import numpy as np
 
     langs = ["en", "nl", "fr", "de"]
+    results = {k: v for k, v in results.items() if not k.startswith("names-")}
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
         x = np.arange(len(ENTITIES))
@@ -136,7 +137,7 @@ def plot(results: dict[str, dict], path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .corpus import generate, write_jsonl
+    from .corpus import generate, generate_heldout_names, write_jsonl
 
     ap = argparse.ArgumentParser(prog="python -m tunekit.privacy.evaluate")
     ap.add_argument("--n-per-language", type=int, default=300)
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/privacy-eval")
     ap.add_argument("--corpus", default="benchmarks/privacy/corpus.jsonl", help="where the generated corpus goes")
     ap.add_argument("--configs", nargs="*", default=["auto", "auto-holdout", "spacy", "lexicon", "presidio-defaults"])
+    ap.add_argument("--heldout-names", type=int, default=240, help="nl/de strings per language and split with names "
+                    "unknown to the lists (corpus.generate_heldout_names; 0: skip)")
     args = ap.parse_args(argv)
     rows = generate(args.n_per_language, args.seed)
     write_jsonl(rows, Path(args.corpus))
@@ -157,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = res
         print(f"\n## names={name}  ({res['strings']} strings, {res['ms_per_string']:.1f} ms/string)\n")
         print(table(res))
+    if args.heldout_names:
+        red = Redactor()
+        for split, seed in (("dev", 1), ("test", 2)):  # dev: the name rules were tuned on it; test: never
+            res = score(generate_heldout_names(args.heldout_names, seed, split), red)
+            results[f"names-{split}"] = res
+            print(f"\n## unknown names, {split} ({res['strings']} nl/de strings)\n")
+            print(table(res, langs=("nl", "de", "all")))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     plot(results, args.out + ".png")
     return 0

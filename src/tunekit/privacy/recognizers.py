@@ -145,7 +145,7 @@ TITLES = {"en": ["mr", "mrs", "ms", "miss", "dr", "prof", "sir", "dear"],
           "nl": ["meneer", "mevrouw", "mevr", "dhr", "heer", "dr", "prof", "mr", "beste", "geachte", "ir", "drs"],
           "fr": ["m", "mme", "mlle", "monsieur", "madame", "mademoiselle", "dr", "prof", "me", "cher", "chère"],
           "de": ["herr", "herrn", "frau", "dr", "prof", "liebe", "lieber", "hallo"]}
-PARTICLES = {"van", "de", "der", "den", "ter", "ten", "te", "het", "'t", "in", "op", "von", "zu", "vom", "zum",
+PARTICLES = {"van", "de", "der", "den", "ter", "ten", "te", "het", "'t", "von", "zu", "vom", "zum",
              "du", "des", "la", "le", "d'", "di", "da", "dos", "mc", "o'"}
 # capitalised words that start sentences or name things and are also in some name list
 STOP = {"de", "het", "een", "der", "die", "das", "le", "la", "les", "the", "and", "en", "und", "et", "for",
@@ -153,7 +153,37 @@ STOP = {"de", "het", "een", "der", "die", "das", "le", "la", "les", "the", "and"
         "august", "september", "october", "november", "december", "monday", "friday", "sunday", "iban", "bic",
         "invoice", "factuur", "facture", "rechnung", "total", "totaal", "gmbh", "bv", "nv", "sa", "sarl", "ltd",
         "mai", "juni", "juli", "mars", "avril", "mei", "maart", "order", "bestelling", "commande", "bestellung"}
-_WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][A-Za-zÀ-ÖØ-öø-ÿ'’\-]*\.?")
+# words that introduce a person in letters, forms and tickets: a run of two or more capitalised words right after
+# one is a name even when neither word is on the lists (`namens Elżbieta Kopiczko`, `Ansprechpartner: Ayşe Akça`)
+CUES = {"en": ["by", "from", "with", "customer", "client", "contact", "regards", "name is", "i am", "i'm", "signed",
+               "applicant", "tenant", "sender", "recipient", "attn", "attn.", "colleague", "on behalf of"],
+        "nl": ["namens", "volgens", "met", "door", "klant", "klantnaam", "contactpersoon", "aanvrager",
+               "aanvraagster", "afzender", "ontvanger", "huurder", "verhuurder", "collega", "naam is", "ik ben",
+               "ik heet", "heet", "t.a.v.", "tav", "t.a.v", "groet", "groeten", "groetjes", "gegroet", "getekend",
+               "ondergetekende", "behandelaar", "medewerker", "monteur", "bezorger", "chauffeur"],
+        "de": ["mit", "laut", "durch", "kunde", "kundin", "ansprechpartner", "ansprechpartnerin", "kontakt",
+               "antragsteller", "antragstellerin", "absender", "empfänger", "mieter", "mieterin", "vermieter",
+               "kollege", "kollegin", "name ist", "ich bin", "ich heiße", "heiße", "z. h.", "z.h.", "zu händen",
+               "grüße", "grüßen", "gruß", "gez.", "unterzeichnet", "sachbearbeiter", "sachbearbeiterin",
+               "mitarbeiter", "mitarbeiterin", "techniker", "fahrer", "im auftrag von", "i. a.", "i.a."],
+        "fr": ["de", "par", "avec", "client", "cliente", "contact", "je suis", "je m'appelle", "nom est",
+               "cordialement", "signé", "demandeur", "locataire", "expéditeur", "destinataire", "collègue"]}
+# last-name endings common among EU residents (Dutch/Frisian, German, Nordic, Slavic, Turkish, Romance): after a
+# capitalised word they make a name even without a list entry or a cue
+SURNAME_ENDINGS = ("stra", "sma", "ema", "inga", "enga", "ink", "huis", "mann", "meier", "meyer", "mayer", "bauer",
+                   "hofer", "huber", "berger", "dorf", "sen", "ssen", "son", "strøm", "ström", "gaard", "ski", "ska",
+                   "cki", "cka", "dzki", "wicz", "czyk", "czak", "ová", "ský", "ská", "ić", "vić", "oğlu", "escu",
+                   "elli", "etti", "ucci", "ini", "ez", "es")
+# capitalised words that begin sentences or name organisations and places, not people
+STOP |= {"bij", "naar", "om", "over", "na", "tot", "uit", "zonder", "gemeente", "provincie", "koninklijke",
+         "stichting", "vereniging", "universiteit", "ministerie", "hogeschool", "bank", "bei", "nach", "aus", "seit",
+         "gemeinde", "stadt", "stadtwerke", "landratsamt", "deutsche", "bundes", "universität", "sparkasse",
+         "volksbank", "verein", "stiftung", "amt", "ministerium", "financial", "services", "allgemeine",
+         "allgemeinen", "algemene", "nederlandse", "europäische", "europese", "rijks", "het", "im", "am", "zur",
+         "ich", "ik", "wir", "wij", "u", "sie", "hij", "zij", "er", "es", "hallo", "hoi", "dag", "goedemorgen",
+         "guten", "tag", "morgen", "kunt", "können", "mijn", "mein", "meine", "ihr", "uw", "ihre"}
+STOP |= {c for cues in CUES.values() for c in cues if " " not in c and c not in PARTICLES}  # `Namens Jan`: not a name
+_WORD = re.compile(r"[^\W\d_][^\W\d_'’\-]*\.?")  # letters of any script: Elżbieta, Ertaş, Čechová
 
 
 def _name_key(word: str) -> str:
@@ -202,6 +232,7 @@ class LexiconNameRecognizer(LocalRecognizer):
     def load(self) -> None:
         self.first, self.last = name_lexicon(self.holdout)
         self.titles = set(TITLES[self.supported_language])
+        self.cues = {tuple(c.split()) for c in CUES[self.supported_language]}
 
     def analyze(self, text, entities, nlp_artifacts=None):
         if "PERSON" not in entities:
@@ -220,6 +251,16 @@ class LexiconNameRecognizer(LocalRecognizer):
                                                                   RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id}))
             i = j
         return results
+
+    def _cued(self, text, words, i) -> bool:
+        """words[i] follows a cue (`namens`, `Ansprechpartner:`, `Groetjes,` + newline), nothing but spaces and
+        , : between them."""
+        for n in (1, 2, 3):
+            if i - n < 0 or re.search(r"[^\s,:]", text[words[i - 1][1]:words[i][0]]):
+                continue
+            if tuple(_name_key(w[2]) for w in words[i - n:i]) in self.cues:
+                return True
+        return False
 
     def _name_at(self, text, words, i):
         """(index after the name, start, end) of a name starting at words[i], or None."""
@@ -240,7 +281,8 @@ class LexiconNameRecognizer(LocalRecognizer):
         run = [_name_key(w[2]) for w in words[start:k]]
         caps = [r for r, w in zip(run, words[start:k]) if w[2][0].isupper() and r not in PARTICLES]
         known = run[0] in self.first and len(caps) >= 2 or any(r in self.last for r in caps[1:]) \
-            or (titled and (run[0] in self.first or run[0] in self.last or len(caps) >= 1))
+            or (titled and (run[0] in self.first or run[0] in self.last or len(caps) >= 1)) \
+            or (len(caps) >= 2 and (self._cued(text, words, start) or caps[-1].endswith(SURNAME_ENDINGS)))
         if not known:
             return None
         end = k
