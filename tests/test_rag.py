@@ -259,6 +259,30 @@ def test_make_data_puts_the_gold_chunk_in_context(tmp_path, embedder):
         assert user.count("\n[") == 3
 
 
+def test_make_data_gold_chunk_holds_the_answer_not_just_its_document(tmp_path, embedder):
+    """A sheet with several sections: the question names the product, so its other sections rank first; the gold
+    chunk must still be the one that holds the answer (else the record teaches answering from a chunk without it)."""
+    from tunekit.rag.make_data import make_records
+    from tunekit.rag.retrieve import Retriever
+    from tunekit.rag.stores import open_store
+
+    docs = tmp_path / "sheets"
+    docs.mkdir()
+    for name, price in (("Arvo Tablet", "58.00 EUR"), ("Yara Tablet", "795.00 EUR")):
+        (docs / f"{name.split()[0].lower()}.md").write_text(
+            f"# {name}\n\n## Price\n\nSold at {price} including VAT.\n\n## History\n\nThe {name} was launched "
+            f"in 2022. The {name} is what the {name} team is proud of: the {name}, the {name}.\n")
+    _ingest(docs, "sheets", str(tmp_path / "s"), embedder)
+    retriever = Retriever(open_store(str(tmp_path / "s")), "sheets", embedder)
+    pair = {"question": "How much does the Arvo Tablet cost?", "answer": "58.00 EUR", "source": "arvo"}
+    assert retriever.search(pair["question"], "bm25", 1)[0].chunk.heading.endswith("History")  # the trap
+    record = make_records(retriever, [pair], top_k=2, method="bm25", seed=0)[0]
+    user, assistant = record["messages"][0]["content"], record["messages"][1]["content"]
+    n = int(assistant.rsplit("[", 1)[1].rstrip("]"))
+    block = user.split(f"[{n}] (", 1)[1].split("\n\n[", 1)[0]
+    assert "Arvo Tablet > Price" in block and "58.00 EUR" in block
+
+
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 def test_cli_ingest_search_eval_and_errors(tmp_path, capsys):
     from tunekit.cli import main

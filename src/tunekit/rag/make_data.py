@@ -2,9 +2,12 @@
 RAG prompt (answer.rag_prompt) with the retrieved chunks, so a LoRA learns to answer from context and cite [n].
 
 Input JSONL: {"question", "answer", "source"} per line; "source" names the document that holds the answer (a doc id
-as in `rag eval`). For each question the top_k retrieved chunks are the context; when none of them is from the
-answer's document, that document's best chunk replaces the last one (so the record never asks the model to answer
-from nothing), at a random position. The others are distractors. The target is the answer followed by [n] of the
+as in `rag eval`). For each question the top_k retrieved chunks are the context. The gold chunk is a chunk of the
+answer's document that holds the answer's text (case and spacing aside): the best-ranked such chunk among those
+retrieved, else the document's chunk that BM25 finds for the answer itself; only when no chunk of the document holds
+the text verbatim (a paraphrased answer) is it the document's best-ranked chunk. So a record never asks the model to
+answer from a chunk that lacks the answer (a product sheet's "History" section for a price question). It goes in at
+a random position; the others, all from other documents, are distractors. The target is the answer followed by [n] of the
 gold chunk. With --unanswerable F, a share F of the records drops the gold chunk and the target says the sources do
 not contain the answer. Output: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]} per line,
 which `tunekit train --data` reads unchanged.
@@ -35,6 +38,7 @@ def make_records(retriever: Retriever, pairs: list[dict], top_k: int = 4, method
         hits = retriever.search(question, method, max(top_k * 4, 20))
         gold = [h for h in hits if source in doc_keys(h.chunk.source)]
         others = [h for h in hits if source not in doc_keys(h.chunk.source)]
+        gold = _holding(gold, answer) or _holding(_document_hits(retriever, answer, source), answer) or gold
         if not gold:
             gold = retriever.search(question, "bm25", 1, sources=_sources_of(retriever, source))
             if not gold:
@@ -50,6 +54,21 @@ def make_records(retriever: Retriever, pairs: list[dict], top_k: int = 4, method
         records.append({"messages": [{"role": "user", "content": rag_prompt(question, context)},
                                      {"role": "assistant", "content": target}]})
     return records
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _holding(hits: list, answer: str) -> list:
+    """The hits whose chunk text holds the answer verbatim (case and spacing aside), in their order."""
+    wanted = _norm(answer)
+    return [h for h in hits if wanted and wanted in _norm(h.chunk.text)]
+
+
+def _document_hits(retriever: Retriever, answer: str, doc_id: str) -> list:
+    sources = _sources_of(retriever, doc_id)
+    return retriever.search(answer, "bm25", 20, sources=sources) if sources else []
 
 
 def _sources_of(retriever: Retriever, doc_id: str) -> list[str]:
