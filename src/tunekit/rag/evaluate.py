@@ -85,7 +85,7 @@ def evaluate(retriever: Retriever, questions: list[dict], methods=RETRIEVERS, ch
     vectors = None
     if any(m != "bm25" for m in methods):
         t = time.perf_counter()
-        vectors = retriever.embedder.encode([q["question"] for q in questions])
+        vectors = retriever.embedder.encode_query([q["question"] for q in questions])
         embed_ms = (time.perf_counter() - t) * 1000 / len(questions)
     results = {"n": len(questions), "collection": retriever.collection, "latency_ms": {}}
     for method in methods:

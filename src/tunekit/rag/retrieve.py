@@ -140,7 +140,7 @@ class Retriever:
         if method == "bm25":
             return bm25_index(self.store, self.collection).search(query, k, sources)
         if vector is None:
-            vector = self.embedder.encode([query])[0]
+            vector = self.embedder.encode_query([query])[0]
         if method == "dense":
             return self.store.dense_search(self.collection, vector, k, sources)
         depth = max(depth, k)

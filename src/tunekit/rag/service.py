@@ -47,7 +47,7 @@ class RagService:
     def embed(self, collection: str, query: str, method: str = "hybrid"):
         """The query's vector for this collection's model (None for bm25): torch work, for the engine thread."""
         retriever = self.retriever(collection)  # checks the collection and its embedding model first
-        return None if method == "bm25" else retriever.embedder.encode([query])[0]
+        return None if method == "bm25" else retriever.embedder.encode_query([query])[0]
 
     def search(self, collection: str, query: str, top_k: int = 5, method: str = "hybrid",
                sources: list[str] | None = None, vector=None) -> list[Hit]:
