@@ -72,6 +72,17 @@ def test_markdown_table_has_a_row_per_run():
     assert "MFU (bf16 peak)" in lines[0] and "| 10.0% |" in lines[2]
 
 
+def test_markdown_table_gives_mfu_against_the_model_shapes_too_and_names_the_cpu():
+    meta = {"peak": {"fp32": 1e11, "bf16": 3e11, "fp32_shapes": 8e10, "bf16_shapes": 2e11}, "formula": "F",
+            "flops_per_token": 5e8, "mean_len": 100.0, "label_fraction": 0.25, "base_eval_loss": 1.0, "warmup": 2,
+            "cpu": "AMD EPYC 9R14", "isa": "avx512_bf16"}
+    rows = [{"name": "a", "tokens_per_s": 100.0, "speed_ratio": 1.0, "peak_rss_bytes": 2**30, "memory_ratio": 1.0,
+             "eval_loss": 0.5, "mfu_bf16": 0.1, "mfu_bf16_shapes": 0.15, "tokens_seen": 1000}]
+    table = format_markdown(rows, meta)
+    assert "MFU (bf16 peak) | MFU (bf16, model shapes)" in table and "| 10.0% | 15.0% |" in table
+    assert "AMD EPYC 9R14, avx512_bf16" in table and "bf16 200 GFLOP/s" in table
+
+
 def test_markdown_table_without_a_bf16_peak_uses_the_fp32_one_and_says_so():
     """Where bf16 is emulated (AVX2-only CPUs) its peak is not measured: MFU against fp32, and the table says why."""
     meta = {"peak": {"fp32": 1e11, "bf16": None}, "formula": "F", "flops_per_token": 5e8, "mean_len": 100.0,

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY
 from tunekit.config import FullMethod, LoraMethod
 from tunekit.engine import train
-from tunekit.engine.flops import ModelShape, base_linear_weights, flops_per_token, measure_matmul_peak
+from tunekit.engine.flops import (ModelShape, base_linear_weights, flops_per_token, linear_shapes, measure_matmul_peak,
+                                  measure_shape_peak)
 from tunekit.methods import build_method
 from tunekit.models import load_model
 
@@ -51,15 +52,39 @@ def test_flops_per_token_frozen_base_and_full(tiny_model_dir):
 def test_matmul_peak_is_a_plausible_rate():
     peak = measure_matmul_peak(torch.float32, n=256, seconds=0.2)
     assert 1e8 < peak < 1e15
+    assert 1e7 < measure_shape_peak({(64, 32): 2, (32, 64): 1}, torch.float32, tokens=64, seconds=0.2) < 1e15
+
+
+def test_linear_shapes_count_each_decoder_shape(tiny_model_dir):
+    h, inter, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
+    kv = TINY["num_key_value_heads"] * h // TINY["num_attention_heads"]
+    shapes = linear_shapes(base_linear_weights(load_model(str(tiny_model_dir))))
+    want: dict = {}
+    for key in [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]:  # q k v o gate up down
+        want[key] = want.get(key, 0) + layers
+    assert shapes == want
+
+
+def test_shape_peak_is_the_flop_weighted_rate_of_the_shapes(monkeypatch):
+    """Total FLOPs over total time: a shape the model has 3 times weighs 3 times (fake clock: 1 s per product)."""
+    import tunekit.engine.flops as flops
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: float(next(ticks)))
+    rate = measure_shape_peak({(8, 4): 3, (16, 4): 1}, torch.float32, tokens=2, seconds=4)
+    assert rate == pytest.approx((3 * 2 * 2 * 4 * 8 + 2 * 2 * 4 * 16) / 4)  # 4 products of 1 s each
 
 
 def test_run_reports_mfu_and_energy_in_result_and_run_card(make_config, tmp_path):
     cfg = make_config(tmp_path / "run", {"train.energy": True, "train.max_steps": 3})
     result = train(cfg)
-    assert result.flops_per_token > 0 and result.matmul_peak_flops > 0
+    assert result.flops_per_token > 0 and result.matmul_peak_flops > 0 and result.shape_peak_flops > 0
     assert result.mfu == pytest.approx(result.tokens_per_s * result.flops_per_token / result.matmul_peak_flops)
+    assert result.mfu_model_shapes == pytest.approx(result.tokens_per_s * result.flops_per_token
+                                                    / result.shape_peak_flops)
     card = (tmp_path / "run" / "README.md").read_text()
-    assert "| MFU |" in card and "GFLOP/s matmul peak" in card
+    assert "| MFU |" in card and "GFLOP/s n^3 matmul peak" in card and "model's own linear shapes" in card
+    assert result.precision_note and result.precision_note in card
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     if saved["energy"] is None:  # codecarbon could not probe this machine: the card must say why
         assert saved["energy_note"] and saved["energy_note"] in card
@@ -89,3 +114,22 @@ def test_metrics_and_progress_show_the_peak_memory_so_far(make_config, tmp_path,
     assert peaks == sorted(peaks)  # a running peak never falls
     assert peaks[-1] <= result.peak_memory_bytes / 2**30  # the result's peak also covers the final eval
     assert "peak " in capsys.readouterr().err  # the progress line (plain lines when stderr is not a terminal)
+
+
+def test_the_loop_says_its_speed_and_how_long_the_rest_takes(make_config, tmp_path, capsys, monkeypatch):
+    """After the warm-up step and three more, one line gives the measured tokens/s and the minutes left."""
+    monkeypatch.setenv("TUNEKIT_CPU_FLAGS", "avx2,fma,sse4_2")  # an AVX2-only CPU: fp32, and the log says why
+    from tunekit.engine.device import cpu_flags
+
+    cpu_flags.cache_clear()
+    try:
+        result = train(make_config(tmp_path / "run", {"train.max_steps": 6, "train.progress": True,
+                                                      "train.precision": "auto"}))
+    finally:
+        cpu_flags.cache_clear()
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    line = next(x for x in err.splitlines() if "this machine trains at" in x)
+    assert "(fp32): the remaining 2 steps take ~" in line and line.endswith(" min")
+    assert "precision fp32: this CPU (TUNEKIT_CPU_FLAGS) has no native bf16" in err
+    assert result.precision == "fp32" and "no native bf16" in result.precision_note

@@ -2,7 +2,9 @@
 
 The answer of a record is its last assistant turn (chat), its completion, or its alpaca output; the prompt
 is everything before it. When the answers are JSON objects the report adds JSON validity and per-field
-accuracy; exact match compares parsed JSON values (or stripped strings for plain-text answers).
+accuracy, and each reply ends where its first JSON object closes (what follows cannot change the score, since
+the scorer accepts only an object, optionally fenced); exact match compares parsed JSON values (or stripped
+strings for plain-text answers).
 """
 
 from __future__ import annotations
@@ -75,10 +77,11 @@ def evaluate_generation(data: str, model: str = "smollm2-135m", adapter: str | N
 
     pairs = load_eval_records(data)[:limit]
     m, tok = load_for_inference(model, adapter, device, dtype=dtype, merge=True)  # merged: no adapter overhead
+    refs = [r for _, r in pairs]
+    json_answers = bool(refs) and all(parse_json_output(r) is not None for r in refs)
     t0 = time.perf_counter()
     preds = generate(m, tok, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     progress=True)
-    refs = [r for _, r in pairs]
+                     progress=True, stop_after_json=json_answers)
     scores = score_text(preds, refs)
     rows = [{"prompt": p[-1]["content"], "reference": r, "prediction": y,
              "exact": score_text([y], [r])["exact_match"] == 1.0} for (p, r), y in zip(pairs, preds)]

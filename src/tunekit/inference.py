@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .engine.device import keep_freed_memory, pick_device, resolve_precision
 from .models import DTYPES, load_model, load_tokenizer
@@ -98,10 +99,76 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class JsonObjectClosed(StoppingCriteria):
+    """A `generate` stopping criterion: a row is done once its reply holds one whole top-level JSON object.
+
+    It scans each row's new tokens for `{` ... the matching `}`, ignoring braces inside strings (and escaped
+    quotes inside those); a reply that opened a ``` fence before the object runs on to the closing fence. Where
+    every answer is a JSON object, the tokens a model writes after it (an end-of-turn it has not learnt yet, or
+    a base model's prose) are wasted work: the row leaves the batch. Text before the first `{` is not a reason
+    to stop; a row that never opens an object runs to max_new_tokens.
+    """
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.seen = tokenizer, prompt_width
+        self.rows: list[dict] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        # input_ids: (B, prompt_width + generated so far); usually one new column per call.
+        if self.rows is None:
+            self.rows = [self.start() for _ in range(input_ids.shape[0])]
+        for col in range(self.seen, input_ids.shape[1]):
+            for row, state in enumerate(self.rows):
+                if not state["done"]:
+                    self.scan(state, self.tokenizer.decode([int(input_ids[row, col])]))
+        self.seen = input_ids.shape[1]
+        return torch.tensor([state["done"] for state in self.rows], dtype=torch.bool, device=input_ids.device)
+
+    @staticmethod
+    def start() -> dict:
+        # closed: the object's final } was seen; ticks: backticks seen before the object / after it.
+        return {"depth": 0, "in_string": False, "escaped": False, "closed": False, "fenced": False,
+                "ticks": 0, "done": False}
+
+    @staticmethod
+    def scan(st: dict, text: str) -> None:
+        for ch in text:
+            if st["done"]:
+                return
+            if st["closed"]:  # only a fenced reply gets here: wait for its closing ```
+                if ch == "`":
+                    st["ticks"] += 1
+                    st["done"] = st["ticks"] == 3
+                elif not ch.isspace():
+                    st["done"] = True  # anything else makes the reply unscorable anyway
+            elif st["in_string"]:
+                if st["escaped"]:
+                    st["escaped"] = False
+                elif ch == "\\":
+                    st["escaped"] = True
+                elif ch == '"':
+                    st["in_string"] = False
+            elif ch == '"' and st["depth"]:
+                st["in_string"] = True
+            elif ch == "`" and not st["depth"]:
+                st["fenced"] = True
+            elif ch == "{":
+                st["depth"] += 1
+            elif ch == "}" and st["depth"]:
+                st["depth"] -= 1
+                if not st["depth"]:
+                    st["closed"], st["ticks"] = True, 0
+                    st["done"] = not st["fenced"]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, progress: bool = False) -> list[str]:
-    """One reply per conversation (each a list of {role, content}); greedy when temperature == 0."""
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, progress: bool = False,
+             stop_after_json: bool = False) -> list[str]:
+    """One reply per conversation (each a list of {role, content}); greedy when temperature == 0.
+
+    stop_after_json: end each reply at the close of its first top-level JSON object (see JsonObjectClosed).
+    """
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
@@ -117,6 +184,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
             top_k=None, eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([JsonObjectClosed(tokenizer, width)]) if stop_after_json else None,
         )
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()

@@ -65,8 +65,11 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra
         ("Tokens seen", f"{result.tokens_seen:,}"),
         ("Throughput", f"{result.tokens_per_s:,.0f} tokens/s (after the first step)"),
         ("MFU", "n/a" if result.mfu is None else
-         f"{100 * result.mfu:.1f}% of the measured {result.matmul_peak_flops / 1e9:,.0f} GFLOP/s matmul peak "
-         f"({result.flops_per_token / 1e6:,.0f} MFLOP per token; formula in tunekit/engine/flops.py)"),
+         f"{100 * result.mfu:.1f}% of the measured {result.matmul_peak_flops / 1e9:,.0f} GFLOP/s n^3 matmul peak"
+         + ("" if not getattr(result, "mfu_model_shapes", None) else
+            f", {100 * result.mfu_model_shapes:.1f}% of the {result.shape_peak_flops / 1e9:,.0f} GFLOP/s the "
+            f"model's own linear shapes reach here")
+         + f" ({result.flops_per_token / 1e6:,.0f} MFLOP per token; formula in tunekit/engine/flops.py)"),
         ("Energy", _energy(result)),
         ("Peak memory", f"{_fmt_bytes(result.peak_memory_bytes)} "
                         f"({'peak allocated on GPU' if result.device.startswith('cuda') else 'peak RSS'})"
@@ -75,7 +78,8 @@ def write_run_card(run_dir: Path, cfg: Config, result, stats, method=None, extra
         ("malloc", f"{result.allocator or 'n/a'} (TUNEKIT_MALLOC picks it for the tunekit commands; "
                    f"see tunekit/allocator.py)"),
         ("Eval loss", f"{_fmt_loss(result.eval_loss_before)} before -> {_fmt_loss(result.eval_loss_after)} after"),
-        ("Precision / device", f"{result.precision} on {result.device}"),
+        ("Precision / device", f"{result.precision} on {result.device}"
+         + (f" ({result.precision_note})" if getattr(result, "precision_note", "") else "")),
         ("Wall time", f"{result.wall_time_s:,.0f} s"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -138,19 +138,24 @@ def throughput(result: dict, warmup: int) -> dict:
             "timed_steps": len(times), "tokens_seen": sum(result["step_tokens"])}
 
 
-def measure_peaks(threads: int | None, device: str = "cpu") -> dict:
-    """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count), at the product size
-    engine/flops.matmul_peak_size gives the device. bf16 is None (not measured) where the device has no native
-    bf16: emulated, one 2048^3 product takes minutes (Zen 3) and its rate is no peak to measure MFU against."""
+def measure_peaks(threads: int | None, device: str = "cpu", shapes: dict | None = None) -> dict:
+    """fp32 and bf16 matmul peaks, measured in a child like the runs (same thread count): an n^3 product at the
+    size engine/flops.matmul_peak_size gives the device, and the model's own linear `shapes` ({(out, in): count},
+    flops.measure_shape_peak) as fp32_shapes / bf16_shapes. bf16 is None (not measured) where the device has no
+    native bf16: emulated, one 2048^3 product takes minutes (Zen 3) and its rate is no peak to measure MFU against."""
     import torch
 
     from ..engine.device import native_bf16
 
     bf16 = native_bf16(torch.device(device))
-    code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak\n"
+    pairs = [[o, i, c] for (o, i), c in (shapes or {}).items()]
+    code = ("import json,torch,sys\nfrom tunekit.engine.flops import measure_matmul_peak, measure_shape_peak\n"
             f"torch.set_num_threads({threads}) if {threads!r} else None\n"
+            f"shapes = {{(o, i): c for o, i, c in {pairs!r}}}\n"
+            f"def shaped(dt): return measure_shape_peak(shapes, dt, {device!r}, seconds=3) if shapes else None\n"
             f"print(json.dumps({{'fp32': measure_matmul_peak(torch.float32, {device!r}, seconds=3),"
-            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, seconds=3) if {bf16} else None}}))")
+            f" 'bf16': measure_matmul_peak(torch.bfloat16, {device!r}, seconds=3) if {bf16} else None,"
+            f" 'fp32_shapes': shaped(torch.float32), 'bf16_shapes': shaped(torch.bfloat16) if {bf16} else None}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -164,12 +169,14 @@ def gflops(rate: float | None) -> str:
     return "not measured" if rate is None else f"{rate / 1e9:.0f} GFLOP/s"
 
 
-def model_flops(model: str, label_fraction: float, mean_len: float) -> float:
-    from ..engine.flops import ModelShape, flops_per_token
+def model_flops(model: str, label_fraction: float, mean_len: float) -> tuple[float, dict]:
+    """(model FLOPs per trained token for LoRA, {(out, in): count} of the decoder's linear shapes)."""
+    from ..engine.flops import ModelShape, base_linear_weights, flops_per_token, linear_shapes
     from ..models import load_model
 
     base = load_model(model).requires_grad_(False)  # LoRA: every base weight frozen
-    return flops_per_token(ModelShape.from_model(base), label_fraction, mean_len)
+    return (flops_per_token(ModelShape.from_model(base), label_fraction, mean_len),
+            linear_shapes(base_linear_weights(base)))
 
 
 def memory_label(device: str) -> str:
@@ -177,23 +184,32 @@ def memory_label(device: str) -> str:
 
 
 def format_markdown(rows: list[dict], meta: dict) -> str:
+    from ..engine.flops import SHAPE_PEAK_TOKENS
+
     device = meta.get("device", "cpu")
     ref = mfu_peak(meta["peak"])
+    shaped = bool(meta["peak"].get(f"{ref}_shapes"))
     head = (f"| run | malloc | tokens/s | x Trainer | {memory_label(device)} | x Trainer | eval loss | "
-            f"MFU ({ref} peak) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+            f"MFU ({ref} peak) | " + (f"MFU ({ref}, model shapes) | " if shaped else "") + "tokens |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if shaped else "") + "---:|")
     lines = [head]
     for r in rows:
         lines.append(f"| {r['name']} | {r.get('malloc') or '-'} | {r['tokens_per_s']:.0f} | "
                      f"{r.get('speed_ratio', float('nan')):.2f} | "
                      f"{r.get('peak_memory_bytes', r['peak_rss_bytes']) / 2**30:.2f} | "
                      f"{r.get('memory_ratio', float('nan')):.2f} | "
-                     f"{r['eval_loss']:.4f} | {100 * r[f'mfu_{ref}']:.1f}% | {r['tokens_seen']:,} |")
+                     f"{r['eval_loss']:.4f} | {100 * r[f'mfu_{ref}']:.1f}% | "
+                     + (f"{100 * r[f'mfu_{ref}_shapes']:.1f}% | " if shaped else "") + f"{r['tokens_seen']:,} |")
     lines.append("")
     no_bf16 = ("" if meta["peak"].get("bf16") else
                f" (this {'GPU' if device == 'cuda' else 'CPU'} has no native bf16 matmul, it would be emulated; "
                "MFU is against the fp32 peak)")
-    lines.append(f"Device: {device}. Matmul peak measured in this run ({meta.get('peak_n', 2048)}^3): fp32 "
-                 f"{gflops(meta['peak']['fp32'])}, bf16 {gflops(meta['peak'].get('bf16'))}{no_bf16}. "
+    shapes_note = (f"; on the model's own linear shapes ({SHAPE_PEAK_TOKENS} rows each, engine/flops.py "
+                   f"measure_shape_peak): fp32 {gflops(meta['peak'].get('fp32_shapes'))}, bf16 "
+                   f"{gflops(meta['peak'].get('bf16_shapes'))}" if shaped else "")
+    cpu = f" ({meta['cpu']}, {meta['isa']})" if meta.get("cpu") and device == "cpu" else ""
+    lines.append(f"Device: {device}{cpu}. Matmul peak measured in this run ({meta.get('peak_n', 2048)}^3): fp32 "
+                 f"{gflops(meta['peak']['fp32'])}, bf16 {gflops(meta['peak'].get('bf16'))}{shapes_note}{no_bf16}. "
                  f"{meta['formula']}; F/token here = "
                  f"{meta['flops_per_token'] / 1e6:.0f} MFLOP (mean example {meta['mean_len']:.0f} tokens, "
                  f"{100 * meta['label_fraction']:.0f}% with a loss). Base eval loss {meta['base_eval_loss']:.4f}. "
@@ -258,8 +274,10 @@ def main(argv=None) -> list[dict]:
             "token_budget": int(args.steps * args.batch_size * mean_len)}
     print(f"[bench] data: {args.n_train} examples, mean {mean_len:.0f} tokens, {100 * label_fraction:.0f}% with a "
           f"loss; {args.steps} steps x {args.batch_size} examples", flush=True)
-    peak = measure_peaks(args.threads, device)
-    print(f"[bench] matmul peak: fp32 {gflops(peak['fp32'])}, bf16 {gflops(peak['bf16'])}"
+    flops, shapes = model_flops(args.model, label_fraction, mean_len)
+    peak = measure_peaks(args.threads, device, shapes)
+    print(f"[bench] matmul peak: fp32 {gflops(peak['fp32'])}, bf16 {gflops(peak['bf16'])}; the model's linear "
+          f"shapes: fp32 {gflops(peak['fp32_shapes'])}, bf16 {gflops(peak['bf16_shapes'])}"
           + ("" if peak["bf16"] else " (no native bf16 here: emulated, so not timed)"), flush=True)
     runs = [(LABELS[p], dict(base, runner=p)) for p in (args.only or PEERS)]
     from ..allocator import wanted
@@ -301,23 +319,25 @@ def main(argv=None) -> list[dict]:
     print("[bench] scoring every adapter with the shared eval ...", flush=True)
     adapters = {r["name"]: r["adapter"] for r in rows}
     scored, _ = run_child(dict(base, runner="eval", adapters=adapters), out / "eval")
-    flops = model_flops(args.model, label_fraction, mean_len)
     ref = next((r for r in rows if r["name"] == LABELS["trainer"]), None)  # the fp32 recipe, system malloc
     for r in rows:
         r["eval_loss"] = scored["eval_loss"][r["name"]]
         # None against a peak that was not measured (bf16 where it is emulated)
         mfu = {k: r["tokens_per_s"] * flops / v if v else None for k, v in peak.items()}
         r["mfu_fp32"], r["mfu_bf16"] = mfu["fp32"], mfu["bf16"]
-        r["mfu_own_precision"] = mfu["bf16" if r["precision"] == "bf16" else "fp32"]
+        r["mfu_fp32_shapes"], r["mfu_bf16_shapes"] = mfu.get("fp32_shapes"), mfu.get("bf16_shapes")
+        own = "bf16" if r["precision"] == "bf16" else "fp32"
+        r["mfu_own_precision"], r["mfu_own_precision_shapes"] = mfu[own], mfu.get(f"{own}_shapes")
         if ref:
             r["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
             r["memory_ratio"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
+    from ..engine.device import cpu_name, isa_label
     from ..engine.flops import FORMULA, matmul_peak_size
 
     meta = {"peak": peak, "formula": FORMULA, "flops_per_token": flops, "mean_len": mean_len,
             "label_fraction": label_fraction, "warmup": args.warmup, "steps": args.steps,
             "base_eval_loss": scored["base_eval_loss"], "args": vars(args), "failed": failed, "device": device,
-            "peak_n": matmul_peak_size(device), "mfu_peak": mfu_peak(peak)}
+            "peak_n": matmul_peak_size(device), "mfu_peak": mfu_peak(peak), "cpu": cpu_name(), "isa": isa_label()}
     table = format_markdown(rows, meta)
     print("\n" + table + "\n", flush=True)
     (out / "bench.json").write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))

@@ -125,6 +125,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def precision_reason(requested: str, precision: str, device: torch.device) -> str:
+    """Why a run computes in `precision` (resolved from `requested`) on `device`, for the log and the run card."""
+    if requested != "auto":
+        return f"{precision} as configured (train.precision {requested})"
+    if device.type == "cuda":
+        return f"{precision}: {'the GPU computes bf16 natively' if precision == 'bf16' else 'no bf16 on this GPU'}"
+    if device.type != "cpu":
+        return f"{precision} on {device.type}"
+    if precision == "bf16":
+        return "bf16 autocast: this CPU has native bf16 dot products (avx512_bf16 / amx_bf16)"
+    source = f" ({CPU_FLAGS_ENV})" if os.environ.get(CPU_FLAGS_ENV) is not None else ""
+    return (f"fp32: this CPU{source} has no native bf16 (no avx512_bf16 / amx_bf16), where a bf16 matmul is emulated "
+            "and ~100x slower than fp32; the bf16-only kernels (fused element-wise ops, packed weights) stay off")
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

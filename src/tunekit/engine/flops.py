@@ -13,6 +13,12 @@ tokens that carry a loss (only those need logits); forward = 2 FLOPs per weight 
 needs the input gradient (2 more) and, for trained weights, the weight gradient (2 more). Attention: QK^T and
 PV cost 2·2·(L̄/2)·d_attn per token and layer in the forward pass under a causal mask (L̄/2 keys on average
 for sequences of mean length L̄), and twice that backward. Adapter FLOPs are left out (<1% for LoRA r<=64).
+
+Two peaks, both measured here: an n^3 product (2048^3 on a CPU), the classic reference, and the model's own
+linear shapes at a micro-batch of rows (measure_shape_peak), which is what its matmuls can reach on this machine.
+They differ by CPU: on a Zen 3 CPU the 2048^3 fp32 product ran slower than the model's shapes (the progress line
+read "MFU 97-123%" against it, issue 23). The progress line uses the model-shape peak; the run card and the
+benchmark give both.
 """
 
 from __future__ import annotations
@@ -115,6 +121,52 @@ def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int | None =
     return best
 
 
+def linear_shapes(weights: list[torch.Tensor]) -> dict[tuple[int, int], int]:
+    """{(out_features, in_features): how many decoder linears have that shape}, from base_linear_weights()."""
+    shapes: dict[tuple[int, int], int] = {}
+    for w in weights:
+        key = (int(w.shape[0]), int(w.shape[1]))
+        shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+SHAPE_PEAK_TOKENS = 2048  # rows of the model-shape products: about one packed micro-batch (8 x 256 tokens)
+
+
+def measure_shape_peak(shapes: dict[tuple[int, int], int], dtype: torch.dtype, device: str = "cpu",
+                       tokens: int = SHAPE_PEAK_TOKENS, seconds: float = 1.0) -> float:
+    """FLOP/s of the model's own linear products: X (tokens, in) @ W^T (in, out) for each decoder shape, weighted
+    by how often the model has it (total FLOPs / total best time): what the model's matmuls reach on this
+    machine, one product at a time. A 2048^3 product is no ceiling for a small model (see the module docstring)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    per_shape = seconds / max(len(shapes), 1)
+    total_flops, total_time = 0.0, 0.0
+    for (n_out, n_in), count in shapes.items():
+        x = torch.randn(tokens, n_in, device=device).to(dtype)
+        w = torch.randn(n_out, n_in, device=device).to(dtype)
+        torch.nn.functional.linear(x, w)  # warm-up
+        sync()
+        best, spent = float("inf"), 0.0
+        while spent < per_shape:
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            sync()
+            dt = time.perf_counter() - t
+            spent += dt
+            best = min(best, dt)
+        total_flops += count * 2 * tokens * n_in * n_out
+        total_time += count * best
+    return total_flops / total_time
+
+
+def cached_shape_peak(shapes: dict[tuple[int, int], int], dtype: torch.dtype, device: torch.device,
+                      cache_dir: Path | None = None, seconds: float = 0.3) -> float:
+    """measure_shape_peak, kept as the best rate measured on this machine for these shapes (see cached_matmul_peak)."""
+    tag = ",".join(f"{o}x{i}*{c}" for (o, i), c in sorted(shapes.items()))
+    return _best_ever(f"shapes[{tag}]@{SHAPE_PEAK_TOKENS}", dtype, device, cache_dir,
+                      lambda: measure_shape_peak(shapes, dtype, str(device), seconds=seconds))
+
+
 def cached_matmul_peak(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None,
                        seconds: float = 0.3) -> float:
     """This machine's matmul peak for `dtype`, device and thread count: the best rate ever measured here.
@@ -122,15 +174,23 @@ def cached_matmul_peak(dtype: torch.dtype, device: torch.device, cache_dir: Path
     Each call measures briefly and keeps the maximum in a small cache file. Other work sharing the CPU can only
     lower a measurement, so the running maximum converges to the real peak instead of freezing a bad reading.
     """
+    return _best_ever(f"{matmul_peak_size(str(device))}^3", dtype, device, cache_dir,
+                      lambda: measure_matmul_peak(dtype, str(device), seconds=seconds))
+
+
+def _best_ever(what: str, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, measure) -> float:
+    """measure() now, and the best reading ever kept for (what, dtype, device, threads, torch) in a cache file."""
     cache_dir = cache_dir or Path.home() / ".cache" / "tunekit"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     key = f"{name}|{str(dtype)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    if not what.endswith("^3"):  # the n^3 entries keep their old keys (caches written before shape peaks)
+        key += f"|{what}"
     path = cache_dir / "matmul_peak.json"
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    measured = measure_matmul_peak(dtype, str(device), seconds=seconds)
+    measured = measure()
     if measured > table.get(key, 0.0):
         table[key] = measured
         try:

@@ -33,8 +33,9 @@ from .checkpoint import TrainingState, latest_checkpoint, rng_state, set_rng_sta
 from .compile import compile_decoder_layers_, layers_compiled
 from .fused_ops import fuse_decoder_ops_
 from .energy import EnergyMeter
-from .flops import ModelShape, base_linear_weights, cached_matmul_peak, flops_per_token, peak_dtype
-from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, reset_peak_memory,
+from .flops import (ModelShape, base_linear_weights, cached_matmul_peak, cached_shape_peak, flops_per_token,
+                    linear_shapes, peak_dtype)
+from .device import (autocast, keep_freed_memory, precision_reason, peak_memory_bytes, pick_device, reset_peak_memory,
                      resolve_precision)
 from .objective import build_objective, gold_loss_sum
 from .metrics import MetricsLog, NullLog, Progress, Sinks, read_metrics
@@ -60,15 +61,21 @@ class TrainResult:
     precision: str
     device: str
     interrupted: bool = False
+    precision_note: str = ""  # why this precision (engine/device.py precision_reason)
     mfu: float | None = None  # model FLOPs utilisation against the measured matmul peak (engine/flops.py)
     flops_per_token: float | None = None
     matmul_peak_flops: float | None = None
+    mfu_model_shapes: float | None = None  # against the rate of the model's own linear shapes (flops.py)
+    shape_peak_flops: float | None = None
     energy: dict | None = None  # engine/energy.py EnergyReport, or None with energy_note saying why
     energy_note: str = ""
     planned_peak_bytes: int | None = None  # planner.py's prediction for this run (None when it cannot plan it)
     allocator: str = ""  # the malloc serving CPU memory: tcmalloc, jemalloc, glibc (tunekit/allocator.py)
     world_size: int = 1  # training processes (torchrun); tokens and tokens/s count all of them
     parallel: str = "none"  # none, ddp or fsdp (distributed/wrap.py)
+
+
+ETA_AFTER_STEPS = 4  # steps (the first, warm-up one included) before the loop says how long the run will take
 
 
 class _StopFlag:
@@ -155,6 +162,7 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     if device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(tc.precision, device)
+    precision_note = precision_reason(tc.precision, precision, device)
     reset_peak_memory(device)
 
     # Data first: bad input fails before the model is loaded.
@@ -200,6 +208,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     flops_tok = flops_per_token(ModelShape.from_model(model, linear_weights), n_lab / max(n_tok, 1),
                                 n_tok / max(len(data.train), 1))
     peak = cached_matmul_peak(peak_dtype(precision, device), device)
+    # and against the rate of the model's own linear shapes (the progress line shows this one: engine/flops.py)
+    shape_peak = cached_shape_peak(linear_shapes(linear_weights), peak_dtype(precision, device), device)
     # DDP around the training forward, or FSDP2 sharding the model in place: before the optimizer sees the params.
     forward = wrap_for_training(ctx, model, objective, method, tc.parallel)
     params = trainable_named_parameters(model)
@@ -238,9 +248,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     sinks = Sinks(tc.report_to if ctx.is_main else [], run_dir, cfg.model_dump(mode="json"))
     ctx.say(f"[tunekit] {data.stats.summary()}")
     ctx.say(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
-            f"({100 * n_trainable / n_total:.3f}%), {steps} steps, {precision} on {device}; {compile_note}; {fused_note}"
+            f"({100 * n_trainable / n_total:.3f}%), {steps} steps on {device}; {compile_note}; {fused_note}"
             + (f"; {n_packed} frozen linears packed for oneDNN" if n_packed else "")
             + (f"; {ctx.world_size} processes ({ctx.parallel}, {ctx.backend})" if ctx.enabled else ""))
+    ctx.say(f"[tunekit] precision {precision_note}")
 
     progress = Progress(steps, start_step, tc.progress and ctx.is_main)
     energy = EnergyMeter(tc.energy, tc.country_iso_code)
@@ -307,8 +318,13 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
             if step % tc.log_every == 0 or "eval_loss" in record or step == steps:
                 log.write(record)
                 sinks.log(record, step)
-            progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / peak,
+            progress.update(step, loss, n_tokens / dt, lr, mfu=n_tokens / dt * flops_tok / shape_peak,
                             peak_gib=record["peak_memory_gib"])
+            if step == start_step + ETA_AFTER_STEPS and steps - step > 0 and rate_time:
+                # Said once the warm-up step is behind: what this machine does, and what the run will take.
+                progress.message(f"[tunekit] this machine trains at ~{rate_tokens / rate_time:,.0f} tokens/s "
+                                 f"({precision}): the remaining {steps - step} steps take ~"
+                                 f"{(steps - step) * tokens_seen / step * rate_time / rate_tokens / 60:.1f} min")
             if stop_requested:
                 interrupted = True
                 break
@@ -328,9 +344,10 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         eval_loss_before=eval_before, eval_loss_after=eval_after,
         trainable_params=n_trainable, total_params=n_total, peak_memory_bytes=peak_memory_bytes(device),
         wall_time_s=earlier.elapsed_s + time.perf_counter() - t_start, precision=precision, device=str(device),
-        interrupted=interrupted,
+        interrupted=interrupted, precision_note=precision_note,
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
-        matmul_peak_flops=peak, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
+        matmul_peak_flops=peak, shape_peak_flops=shape_peak,
+        mfu_model_shapes=(rate_tokens / rate_time * flops_tok / shape_peak) if rate_time else None, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
         planned_peak_bytes=memory_plan.total if memory_plan else None, allocator=in_use(),
         world_size=ctx.world_size, parallel=ctx.parallel,
     )
