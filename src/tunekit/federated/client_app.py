@@ -19,7 +19,7 @@ from flwr.clientapp.mod import LocalDpMod
 
 from .aggregate import FederatedError
 from .config import FedConfig
-from .local import train_round
+from .local import last_loss, local_config, train_round
 
 
 def owner_files(context: Context) -> tuple[str, Path, Path]:
@@ -35,24 +35,6 @@ def owner_files(context: Context) -> tuple[str, Path, Path]:
                              f"its --node-config (or `owners:` in FED.yaml)")
     work = Path(str(cfg.get("work-dir", Path(tempfile.gettempdir()) / f"tunekit-owner-{owner}")))
     return owner, data, work
-
-
-def local_config(training: dict, data: Path, work: Path, number: int, steps: int):
-    """The owner's tunekit config for this round: its file, K steps, a per-round data order, no checkpoints."""
-    from ..config import Config
-
-    tree = json.loads(json.dumps(training))
-    tree.setdefault("data", {})["train"] = str(data)
-    train = tree.setdefault("train", {})
-    train.update({"output_dir": str(work / f"round-{number:04d}"), "max_steps": steps, "save_every": 0,
-                  "progress": False, "seed": int(train.get("seed", 0)) + number, "resume": False})
-    return Config.model_validate(tree)
-
-
-def last_loss(run_dir: Path) -> float:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    losses = [r["loss"] for r in lines if "loss" in r]
-    return float(losses[-1]) if losses else float("nan")
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:

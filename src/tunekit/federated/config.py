@@ -81,7 +81,8 @@ class FedConfig(Section):
         try:
             return Config.model_validate(self.training)
         except ValidationError as e:
-            raise ConfigError(_format_validation_error(e, "FED.yaml, under training:")) from None
+            text = _format_validation_error(e, "FED.yaml, under training:").replace("\n  ", "\n  training.")
+            raise ConfigError(text) from None
 
 
 def load_fed_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> FedConfig:

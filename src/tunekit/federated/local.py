@@ -10,6 +10,7 @@ precision, schedule) is the engine's single-process run, unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -141,3 +142,20 @@ def save_adapter(model, method, tensors: dict[str, torch.Tensor], out_dir: Path)
     copy_into_(trainable_tensors(model), tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
     method.save(model, out_dir)
+
+
+def local_config(training: dict, data: Path, work: Path, number: int, steps: int) -> Config:
+    """The owner's tunekit config for this round: its file, K steps, a per-round data order, no checkpoints."""
+    tree = json.loads(json.dumps(training))
+    tree.setdefault("data", {})["train"] = str(data)
+    train = tree.setdefault("train", {})
+    train.update({"output_dir": str(work / f"round-{number:04d}"), "max_steps": steps, "save_every": 0,
+                  "progress": False, "seed": int(train.get("seed", 0)) + number, "resume": False})
+    return Config.model_validate(tree)
+
+
+def last_loss(run_dir: Path) -> float:
+    """The engine's last logged training loss of a round (metrics.jsonl)."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    return float(losses[-1]) if losses else float("nan")

@@ -106,6 +106,8 @@ class Processes:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
     def stop(self) -> None:
+        # Flower detaches its SuperExec and app processes into their own sessions: find them by parent first.
+        family = [pid for proc in self.started.values() for pid in descendants(proc.pid)]
         for proc in reversed(list(self.started.values())):
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -117,6 +119,28 @@ class Processes:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
             _signal_group(proc, signal.SIGKILL)  # ClientApp/ServerApp children left in the group
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from /proc (Linux); [] elsewhere."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -140,10 +164,6 @@ def wait_listening(procs: Processes, name: str, port: int, timeout: float = 120.
 
 def start_loopback(fed: FedConfig, procs: Processes, bin_dir: Path, out: Path) -> str:
     """A SuperLink and one SuperNode per owner on 127.0.0.1; returns the SuperLink's address."""
-    for owner in fed.owners:
-        if not Path(owner.data).is_file():
-            raise FederatedError(f"owner {owner.name!r}: data file {owner.data} does not exist; fix `owners:` in "
-                                 f"FED.yaml (each owner's SuperNode reads only its own file)")
     port = free_port()
     procs.start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-"
                 "installation", "--host", "127.0.0.1", "--port", str(port),
@@ -161,6 +181,11 @@ def start_loopback(fed: FedConfig, procs: Processes, bin_dir: Path, out: Path) -
 
 def federate(fed: FedConfig, flower_venv: str | None = None) -> dict:
     """Run the federation to its last round; returns result.json (every round's record)."""
+    if fed.superlink is None:
+        for owner in fed.owners:
+            if not Path(owner.data).is_file():
+                raise FederatedError(f"owner {owner.name!r}: data file {owner.data} does not exist; fix `owners:` in "
+                                     f"FED.yaml (each owner's SuperNode reads only its own file)")
     venv = find_flower_venv(flower_venv)
     out = Path(fed.output_dir).resolve()
     fed = fed.model_copy(update={"output_dir": str(out), "owners": [o.model_copy(update={"data": str(
