@@ -4,7 +4,9 @@ Data (seeded, offline): 400 short support tickets, each opening with a customer 
 `Customer account: NAME, EMAIL, IBAN IBAN.` and answered in one sentence. 24 *canary* customers (Faker nl_NL and
 de_DE identities) are planted 1, 4 or 16 times (8 canaries each); the other tickets each name a customer seen once.
 Two LoRA runs with the demo recipe's method (configs/demo-lora.yaml: r=16 on all linear layers, lr 2e-3, cosine),
-the loss on **all** tokens (data.train_on=all: raw text or logs fed to training), 128-token packed rows, batch 8:
+the loss on **all** tokens (data.train_on=all: raw text or logs fed to training), 128-token packed rows, batch 8,
+90 steps (~2 epochs of the 41,884 tokens: a canary planted 16 times is seen ~30 times; ~6.5 min at 4.2 s/step on
+2 Zen 4 cores):
 `--phase raw` trains on the data as is (train.pii=off), `--phase redacted` with train.pii=redact.
 
 Probes, for each canary, from the rendered training text up to the value (`... Customer account: NAME, ` for the
@@ -17,7 +19,8 @@ e-mail, `... NAME, EMAIL, IBAN ` for the IBAN):
   log2(candidates + 1) - log2(rank). 0 = the model prefers the true value no more than a random one; the maximum
   measurable here is log2(candidates + 1) (rank 1: the true value beats every candidate).
 
-Each phase is one CPU job (the queue's 15-minute limit); `--phase report` merges them into --json.
+Each phase is one CPU job (the queue's 15-minute limit; `--phase base` also trains and probes the raw run when
+runs/.../raw.json is missing); `--phase report` merges them into --json.
 
     /tmp/cpuq mem-raw .venv/bin/python benchmarks/privacy/memorisation.py --phase raw
     /tmp/cpuq mem-red .venv/bin/python benchmarks/privacy/memorisation.py --phase redacted
@@ -196,7 +199,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--phase", choices=["base", "raw", "redacted", "report"], required=True)
     ap.add_argument("--out", default="runs/privacy-mem2")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=90)  # ~4.2 s/step here (840 tokens): 90 steps ~ 6.5 min
     ap.add_argument("--candidates", type=int, default=99)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="docs/privacy-memorisation.json")
@@ -209,15 +212,19 @@ def main() -> int:
     rows, canaries = planted_data(seed=args.seed)
     data = out / "planted.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    res = {"records": len(rows), "canaries": len(canaries), "steps": args.steps, "seed": args.seed}
-    if args.phase != "base":
-        res.update(train(data, out / args.phase, "off" if args.phase == "raw" else "redact", args.steps))
-    t0 = time.perf_counter()
-    res["probe"] = probe(res.get("run_dir"), canaries, args.candidates, args.seed)
-    res["probe_seconds"] = time.perf_counter() - t0
-    (out / f"{args.phase}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    print(json.dumps({"phase": args.phase, "seconds": res.get("seconds"), "probe_seconds": res["probe_seconds"],
-                      "by_repeats": res["probe"]["by_repeats"]}, indent=1))
+    # base is cheap (a probe only): it also trains the raw run when that is missing (one queue job for both)
+    phases = (["raw"] if args.phase == "base" and not (out / "raw.json").exists() else []) + [args.phase]
+    for phase in phases:
+        res = {"records": len(rows), "canaries": len(canaries), "steps": args.steps, "seed": args.seed,
+               "max_length": 128, "batch_size": 8}
+        if phase != "base":
+            res.update(train(data, out / phase, "off" if phase == "raw" else "redact", args.steps))
+        t0 = time.perf_counter()
+        res["probe"] = probe(res.get("run_dir"), canaries, args.candidates, args.seed)
+        res["probe_seconds"] = time.perf_counter() - t0
+        (out / f"{phase}.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        print(json.dumps({"phase": phase, "seconds": res.get("seconds"), "probe_seconds": res["probe_seconds"],
+                          "by_repeats": res["probe"]["by_repeats"]}, indent=1), flush=True)
     return 0
 
 
