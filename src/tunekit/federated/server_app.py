@@ -27,9 +27,10 @@ app = ServerApp()
 POLL_S = 0.5
 
 
-def wait_for_owners(grid: Grid, fed: FedConfig) -> list[int]:
-    """Node ids of the connected SuperNodes once at least min_owners are there (or all listed owners)."""
-    want = max(fed.min_owners, len(fed.owners))
+def wait_for_owners(grid: Grid, fed: FedConfig, first: bool) -> list[int]:
+    """Node ids of the connected SuperNodes: in the run's first round once every listed owner is there (or
+    min_owners when the wait ends), later ones at once (an owner that dropped out is not waited for)."""
+    want = max(fed.min_owners, len(fed.owners)) if first else fed.min_owners
     deadline = time.monotonic() + min(fed.round_timeout_s, 600.0)
     nodes: list[int] = []
     while time.monotonic() < deadline:
@@ -45,20 +46,25 @@ def wait_for_owners(grid: Grid, fed: FedConfig) -> list[int]:
 
 
 def collect(grid: Grid, messages: list[Message], timeout_s: float) -> tuple[list[Message], list[str]]:
-    """Replies to `messages` until each has one (or an error), or `timeout_s`; (good replies, what failed)."""
+    """Replies to `messages` until each has one (or an error), its SuperNode went offline (the SuperLink marks a
+    node offline after two missed heartbeats), or `timeout_s`; returns (good replies, what failed)."""
     ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
     replies: dict[str, Message] = {}
+    gone: set[str] = set()
     deadline = time.monotonic() + timeout_s
-    while len(replies) < len(ids) and time.monotonic() < deadline:
+    while len(replies) + len(gone) < len(ids) and time.monotonic() < deadline:
         for reply in grid.pull_messages([m for m in ids if m not in replies]):
             replies[reply.metadata.reply_to_message_id] = reply
-        if len(replies) < len(ids):
+        online = set(grid.get_node_ids())
+        gone = {m for m, node in ids.items() if m not in replies and node not in online}
+        if len(replies) + len(gone) < len(ids):
             time.sleep(POLL_S)
     good, failed = [], []
     for mid, node in ids.items():
         reply = replies.get(mid)
         if reply is None:
-            failed.append(f"node {node}: no reply within round_timeout_s={timeout_s:g}")
+            failed.append(f"node {node}: " + ("went offline (missed heartbeats) before replying" if mid in gone
+                                              else f"no reply within round_timeout_s={timeout_s:g}"))
         elif reply.has_error():
             failed.append(f"node {node}: {reply.error.reason.strip().splitlines()[-1][:300]}")
         else:
@@ -96,7 +102,7 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
         print(f"[tunekit] resuming after round {done} from {folder}", flush=True)
     for number in range(done + 1, fed.rounds + 1):
         t0 = time.perf_counter()
-        nodes = wait_for_owners(grid, fed)
+        nodes = wait_for_owners(grid, fed, first=number == done + 1)
         messages = round_messages(grid, nodes, tensors, fed, number)
         down = sum(m.content["adapter"].count_bytes() for m in messages)
         replies, failed = collect(grid, messages, fed.round_timeout_s)
