@@ -71,7 +71,7 @@ def run_federation(a, root: Path, name: str, extra: dict) -> dict:
 
     tree = {"output_dir": str(root / name), "rounds": a.rounds, "local_steps": a.local_steps, "min_owners": 3,
             "owners": [{"name": o, "data": str(root / "data" / f"{o}.jsonl")} for o in OWNERS],
-            "training": training_tree(a), **extra}
+            "training": training_tree(a), "resume": True, **extra}  # a cut-short job continues
     t0 = time.perf_counter()
     result = federate(load_fed_config(None, tree))
     return {"rounds": result["rounds"], "wall_s": time.perf_counter() - t0,
@@ -170,14 +170,17 @@ def report(a, root: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
     for name, s in ev.items():
+        color = next(colors)
         for ax, key in zip(axes, ("exact_match", "eval_loss")):
-            if isinstance(s, list):
-                ax.plot(range(1, len(s) + 1), [r[key] for r in s], marker="o", label=name)
-            else:
-                ax.axhline(s[key], ls="--", lw=1, label=name, color=None)
+            if isinstance(s, list):  # a federation: one point per round
+                ax.plot(range(1, len(s) + 1), [r[key] for r in s], marker="o", label=name, color=color)
+            else:  # trained once with the same compute (or the base model): a line across
+                ax.axhline(s[key], ls="--", lw=1, label=name, color=color)
     for ax, title in zip(axes, ("exact match on the test invoices", "eval loss (per answer token)")):
         ax.set_xlabel("round")
+        ax.set_xticks(range(1, a.rounds + 1))
         ax.set_title(title)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"3 owners non-IID by currency, {a.rounds} rounds x {a.local_steps} local steps ({cpu_name()})",

@@ -72,7 +72,7 @@ def collect(grid: Grid, messages: list[Message], timeout_s: float) -> tuple[list
     return good, failed
 
 
-def round_messages(grid: Grid, nodes: list[int], tensors: dict[str, torch.Tensor], fed: FedConfig,
+def round_messages(nodes: list[int], tensors: dict[str, torch.Tensor], fed: FedConfig,
                    number: int) -> list[Message]:
     config = ConfigRecord({"round": number, "local-steps": fed.local_steps, "aggregation": fed.aggregation,
                            "training": json.dumps(fed.training)})
@@ -103,7 +103,7 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
     for number in range(done + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_owners(grid, fed, first=number == done + 1)
-        messages = round_messages(grid, nodes, tensors, fed, number)
+        messages = round_messages(nodes, tensors, fed, number)
         down = sum(m.content["adapter"].count_bytes() for m in messages)
         replies, failed = collect(grid, messages, fed.round_timeout_s)
         for line in failed:
