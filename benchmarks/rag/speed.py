@@ -326,14 +326,15 @@ def main(argv=None) -> int:
 
         pg_ctx = throwaway_postgres()
         pg_url = pg_ctx.__enter__()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out["sizes"] = {}
     try:
-        out["sizes"] = {str(size): run_size(size, chunks, vectors, texts, vecs, embedder, pg_url, args)
-                        for size in args.sizes}
+        for size in args.sizes:  # saved after each size: a job cut short keeps what it measured
+            out["sizes"][str(size)] = run_size(size, chunks, vectors, texts, vecs, embedder, pg_url, args)
+            Path(args.out).write_text(json.dumps(out, indent=2))
     finally:
         if pg_ctx is not None:
             pg_ctx.__exit__(None, None, None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
 
 
