@@ -191,6 +191,38 @@ def test_an_owner_whose_file_vanished_is_named(tmp_path, tiny_model_dir, owner_f
     remover.join()
 
 
+@needs_flower
+def test_local_dp_clips_and_noises_each_owner_and_reports_epsilon(tmp_path, tiny_model_dir, owner_files):
+    """Flower's LocalDpMod on every SuperNode: the noise it logs is the Gaussian mechanism's for (epsilon, delta)
+    and the clip; the round is no longer the noiseless in-process aggregation; round.json reports the budget."""
+    import math
+
+    files = {n: owner_files[n] for n in ("north", "south")}
+    dp = {"epsilon": 0.5, "delta": 1e-5, "clip": 0.01}
+    fed = load_fed_config(None, fed_tree(tiny_model_dir, files, tmp_path / "run", rounds=1, dp=dp))
+    result = federate(fed)
+    record = result["rounds"][0]["dp"]
+    sigma = 0.01 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
+    assert record["epsilon_total"] == 0.5 and record["delta_total"] == 1e-5
+    assert record["noise_std"] == pytest.approx(sigma)
+    for owner in files:
+        log = (tmp_path / "run" / "logs" / f"supernode-{owner}.log").read_text()
+        assert "LocalDpMod: parameters are clipped by value: 0.0100" in log
+        assert f"LocalDpMod: local DP noise with {sigma:.4f} stddev added" in log
+    with torch_globals_preserved():
+        start, _, _ = initial_tensors(fed.training_config())
+    noiseless = in_process_round(fed, files, start, 1, tmp_path / "plain")
+    got = load_file(str(tmp_path / "run" / "rounds" / "round-0001" / "global.safetensors"))
+    assert max_diff(got, noiseless) > sigma / 10  # noise of std sigma on every value, averaged over 2 owners
+
+
+def test_the_cli_names_a_missing_config(capsys):
+    from tunekit.cli import main
+
+    assert main(["federate", "--config", "/nonexistent/fed.yaml"]) == 2
+    assert "tunekit federate: federation config not found: /nonexistent/fed.yaml" in capsys.readouterr().err
+
+
 def test_a_missing_data_file_fails_before_flower_starts(tmp_path, tiny_model_dir, owner_files):
     files = {**owner_files, "east": tmp_path / "nowhere.jsonl"}
     fed = load_fed_config(None, fed_tree(tiny_model_dir, files, tmp_path / "run"))

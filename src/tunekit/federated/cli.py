@@ -45,4 +45,9 @@ def main(argv: list[str]) -> int:
     last = result["rounds"][-1] if result["rounds"] else {}
     print(f"federation done: {len(result['rounds'])} round(s) in {fed.output_dir}/rounds; last round "
           f"{last.get('round')}: owners {sorted(last.get('owners', {}))}, left out {len(last.get('left_out', []))}")
+    dp = last.get("dp")
+    if dp:
+        print(f"local DP (Flower LocalDpMod, per owner): epsilon {dp['epsilon_per_round']:g}, delta "
+              f"{dp['delta_per_round']:g} per round; over {last['round']} rounds at most epsilon "
+              f"{dp['epsilon_total']:g}, delta {dp['delta_total']:g} (basic composition)")
     return 0

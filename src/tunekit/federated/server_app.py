@@ -10,6 +10,7 @@ aggregated by `aggregate.py` (fedavg, ffa or svd, weighted by examples) and the 
 from __future__ import annotations
 
 import json
+import math
 import time
 import traceback
 from pathlib import Path
@@ -91,6 +92,16 @@ def update_from(reply: Message, start: dict[str, torch.Tensor]) -> tuple[ClientU
     return ClientUpdate(owner, tensors, int(metrics["num-examples"])), record.count_bytes()
 
 
+def dp_report(fed: FedConfig, number: int) -> dict:
+    """(epsilon, delta) of Flower's LocalDpMod per round and owner, and their basic composition over the rounds so
+    far (k rounds: k epsilon, k delta); sensitivity = clip (one owner's whole update)."""
+    dp = fed.dp
+    sigma = dp.clip * math.sqrt(2 * math.log(1.25 / dp.delta)) / dp.epsilon
+    return {"mechanism": "flwr LocalDpMod (Gaussian), owner-level", "epsilon_per_round": dp.epsilon,
+            "delta_per_round": dp.delta, "clip": dp.clip, "noise_std": sigma, "epsilon_total": number * dp.epsilon,
+            "delta_total": number * dp.delta}
+
+
 def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
     cfg = fed.training_config()
     check_federable(cfg, fed.aggregation)
@@ -121,7 +132,7 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
                        for u, r in zip(updates, replies)},
             "left_out": failed, "bytes_down": down, "bytes_up": sum(b for _, b in pairs),
             "product_bias": product_bias(updates, new), "wall_s": time.perf_counter() - t0,
-            "dp": None if fed.dp is None else {**fed.dp.model_dump(), "mechanism": "flwr LocalDpMod (Gaussian)"},
+            "dp": None if fed.dp is None else dp_report(fed, number),
         }
         tensors = {n: t.float() for n, t in new.items()}
         save_round(fed.output_dir, number, tensors, record, lambda out: save_adapter(model, method, tensors, out))
