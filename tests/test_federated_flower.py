@@ -265,6 +265,13 @@ def test_bad_federation_configs_name_the_key(tmp_path, tiny_model_dir, owner_fil
         load_fed_config(None, {**tree, "owners": []})
 
 
+def test_the_federated_preset_loads():
+    preset = Path(__file__).parents[1] / "configs" / "federated" / "demo-3-owners.yaml"
+    fed = load_fed_config(preset)
+    assert [o.name for o in fed.owners] == ["north", "south", "west"] and fed.aggregation == "svd"
+    assert fed.training_config().method.r == 8
+
+
 def test_ffa_round_trains_b_only_and_sends_it(tmp_path, tiny_model_dir, owner_files):
     """FFA-LoRA in the engine: lora_A stays at the global value bit for bit, only B is returned."""
     fed = load_fed_config(None, fed_tree(tiny_model_dir, owner_files, tmp_path, aggregation="ffa"))
