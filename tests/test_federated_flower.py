@@ -231,6 +231,30 @@ def test_a_missing_data_file_fails_before_flower_starts(tmp_path, tiny_model_dir
 
 
 @needs_flower
+def test_a_run_submitted_to_a_running_superlink(tmp_path, tiny_model_dir, owner_files):
+    """A real deployment's shape: the SuperLink and the owners' SuperNodes are already running (started here the way
+    an operator would), `tunekit federate` only submits the run to `superlink: host:port`."""
+    from tunekit.federated.runtime import FLOWER_ENV, Processes, start_loopback
+
+    files = {n: owner_files[n] for n in ("north", "south")}
+    infra = tmp_path / "infra"
+    (infra / "logs").mkdir(parents=True)
+    (infra / "flower").mkdir()
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(infra / "flower"),
+           "PATH": f"{FLOWER / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    procs = Processes(infra / "logs", env)
+    try:
+        address = start_loopback(load_fed_config(None, fed_tree(tiny_model_dir, files, infra)), procs,
+                                 FLOWER / "bin", infra)
+        fed = load_fed_config(None, fed_tree(tiny_model_dir, {}, tmp_path / "run", rounds=1, owners=[],
+                                             superlink=address))
+        result = federate(fed)
+    finally:
+        procs.stop()
+    assert sorted(result["rounds"][0]["owners"]) == ["north", "south"]
+
+
+@needs_flower
 def test_an_unreachable_superlink_is_named(tmp_path, tiny_model_dir, owner_files):
     from tunekit.federated.runtime import free_port
 
