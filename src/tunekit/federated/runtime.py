@@ -210,14 +210,27 @@ def federate(fed: FedConfig, flower_venv: str | None = None) -> dict:
         (out / "app" / "pyproject.toml").write_text(app_pyproject(fed))
         (home / "config.toml").write_text(connection_toml(address, fed))
         run = procs.start("flwr-run", [str(venv / "bin" / "flwr"), "run", str(out / "app"), "tunekit", "--stream"])
+        print(f"[tunekit] federation submitted to the SuperLink at {address}; Flower's logs: {logs}", flush=True)
+        shown = 0
         while run.poll() is None:
-            for name, proc in procs.started.items():
-                if name == "superlink" and proc.poll() is not None:
-                    raise FederatedError(f"the SuperLink exited (code {proc.returncode}):\n{procs.tail(name)}")
+            superlink = procs.started.get("superlink")
+            if superlink is not None and superlink.poll() is not None:
+                raise FederatedError(f"the SuperLink exited (code {superlink.returncode}):\n{procs.tail('superlink')}")
+            shown = show_progress(logs / "flwr-run.log", shown)
             time.sleep(1.0)
+        show_progress(logs / "flwr-run.log", shown)
         return read_result(out, started, procs)
     finally:
         procs.stop()
+
+
+def show_progress(log: Path, shown: int) -> int:
+    """Print the ServerApp's own lines ([tunekit] round ...) that appeared in flwr run's log since `shown`."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    for line in lines[shown:]:
+        if line.startswith("[tunekit]"):
+            print(line, flush=True)
+    return len(lines)
 
 
 def read_result(out: Path, started: float, procs: Processes) -> dict:
