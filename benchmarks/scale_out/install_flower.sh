@@ -14,6 +14,9 @@ FLWR_SPEC="${FLWR_SPEC:-flwr==1.42.0}"
 [ -x "$MAIN/bin/python" ] || { echo "tunekit's venv $MAIN is missing: run make setup first" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$FLWR_SPEC"
+V_MAIN="$("$MAIN/bin/python" -c 'import sys; print(sys.version_info[:2])')"
+V_OWN="$("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])')"
+[ "$V_MAIN" = "$V_OWN" ] || { echo "$VENV has Python $V_OWN, $MAIN has $V_MAIN: the same minor version is needed (PYTHON=...)" >&2; exit 1; }
 MAIN_SITE="$("$MAIN/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 OWN_SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 # addsitedir (not a bare path): the main venv's own .pth files (the editable tunekit) are read too.
