@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .aggregate import ClientUpdate, FederatedError, aggregate, product_bias
+from .aggregate import ClientUpdate, FederatedError, aggregate, check_updates, product_bias
 from .config import FedConfig
 from .local import check_federable, initial_tensors, save_adapter
 from .rounds import history, last_round, load_round, save_round
@@ -109,7 +109,12 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
     expected = {n: t.shape for n, t in tensors.items()}
     done, folder = last_round(fed.output_dir) if fed.resume else (0, None)
     if folder is not None:
-        tensors = load_round(folder)
+        resumed = load_round(folder)
+        if {n: tuple(t.shape) for n, t in resumed.items()} != {n: tuple(t) for n, t in expected.items()}:
+            raise FederatedError(f"{folder} holds another adapter than training: builds (other tensors or shapes): "
+                                 f"resume with the federation's original method, rank and target modules, or start "
+                                 f"a new output_dir")
+        tensors = resumed
         print(f"[tunekit] resuming after round {done} from {folder}", flush=True)
     for number in range(done + 1, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -122,7 +127,21 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
         if len(replies) < fed.min_owners:
             raise FederatedError(f"round {number}: {len(replies)} owner(s) replied, min_owners is "
                                  f"{fed.min_owners}; failures: {'; '.join(failed) or 'none'}")
-        pairs = [update_from(r, tensors) for r in replies]
+        pairs, kept = [], []
+        for reply in replies:  # an owner whose adapter does not fit the server's is left out, with the reason
+            update, sent = update_from(reply, tensors)
+            try:
+                check_updates([update], expected)
+            except FederatedError as e:
+                failed.append(str(e))
+                print(f"[tunekit] round {number}: left out {e}", flush=True)
+                continue
+            pairs.append((update, sent))
+            kept.append(reply)
+        if len(pairs) < fed.min_owners:
+            raise FederatedError(f"round {number}: {len(pairs)} owner(s) sent a usable adapter, min_owners is "
+                                 f"{fed.min_owners}; failures: {'; '.join(failed)}")
+        replies = kept
         updates = [u for u, _ in pairs]
         new = aggregate(updates, fed.aggregation, expected=expected, global_tensors=tensors)
         record = {
