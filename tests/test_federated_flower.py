@@ -128,6 +128,7 @@ def test_resume_continues_after_the_last_round(federation, owner_files, tmp_path
     resumed = load_fed_config(None, {**json.loads(fed.model_dump_json()), "rounds": 3, "resume": True})
     result = federate(resumed)
     assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    assert result["rounds"][2]["left_out"] == []  # no SuperNode of the first launch counted as online
     assert before == {n: (out / "rounds" / f"round-{n:04d}" / "round.json").stat().st_mtime for n in (1, 2)}
     start = load_file(str(out / "rounds" / "round-0002" / "global.safetensors"))
     expected = in_process_round(resumed, owner_files, start, 3, tmp_path)

@@ -165,9 +165,10 @@ def wait_listening(procs: Processes, name: str, port: int, timeout: float = 120.
 def start_loopback(fed: FedConfig, procs: Processes, bin_dir: Path, out: Path) -> str:
     """A SuperLink and one SuperNode per owner on 127.0.0.1; returns the SuperLink's address."""
     port = free_port()
+    # Flower's state in memory (no --database): a restarted federation must not see the SuperNodes of the last
+    # launch as online; what a resume needs is in tunekit's own round checkpoints.
     procs.start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-"
-                "installation", "--host", "127.0.0.1", "--port", str(port),
-                "--database", str(out / "flower" / "superlink.db")])
+                "installation", "--host", "127.0.0.1", "--port", str(port)])
     wait_listening(procs, "superlink", port)
     for owner in fed.owners:
         work = out / "owners" / owner.name
