@@ -197,7 +197,8 @@ def report(out: Path, json_path: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["base", "raw", "redacted", "report"], required=True)
+    ap.add_argument("--phase", choices=["base", "raw", "redacted", "all", "report"], required=True,
+                    help="all: raw, redacted and base in one job (with a small --steps)")
     ap.add_argument("--out", default="runs/privacy-mem2")
     ap.add_argument("--steps", type=int, default=90)  # ~4.2 s/step here (840 tokens): 90 steps ~ 6.5 min
     ap.add_argument("--candidates", type=int, default=99)
@@ -214,6 +215,8 @@ def main() -> int:
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     # base is cheap (a probe only): it also trains the raw run when that is missing (one queue job for both)
     phases = (["raw"] if args.phase == "base" and not (out / "raw.json").exists() else []) + [args.phase]
+    if args.phase == "all":
+        phases = ["raw", "redacted", "base"]
     for phase in phases:
         res = {"records": len(rows), "canaries": len(canaries), "steps": args.steps, "seed": args.seed,
                "max_length": 128, "batch_size": 8}
