@@ -90,7 +90,9 @@ def max_diff(a: dict, b: dict) -> float:
 def federation(tmp_path_factory, tiny_model_dir, owner_files):
     """Two svd rounds of three owners on a real SuperLink + 3 SuperNodes."""
     out = tmp_path_factory.mktemp("fed") / "run"
-    fed = load_fed_config(write_fed(out.parent / "fed.yaml", fed_tree(tiny_model_dir, owner_files, out)))
+    held_out = write_jsonl(out.parent / "held-out.jsonl", short_chat_records(6, seed=1))
+    fed = load_fed_config(write_fed(out.parent / "fed.yaml", fed_tree(tiny_model_dir, owner_files, out,
+                                                                      eval_file=str(held_out))))
     t0 = time.perf_counter()
     result = federate(fed)
     print(f"2 rounds x 3 owners on Flower: {time.perf_counter() - t0:.1f} s")
@@ -105,6 +107,7 @@ def test_two_rounds_equal_the_in_process_aggregation(federation, owner_files, tm
         assert sorted(r["owners"]) == sorted(OWNERS) and r["left_out"] == []
         assert all(o["n_examples"] == 12 for o in r["owners"].values())
         assert r["bytes_up"] > 3 * 4 * 8192  # 3 owners x 8,192 fp32 LoRA values, plus Flower's framing
+        assert 0 < r["eval_loss"] < 20  # the server's held-out file, after the round
     with torch_globals_preserved():
         start, _, _ = initial_tensors(fed.training_config())
     for number in (1, 2):

@@ -63,6 +63,8 @@ class FedConfig(Section):
     root_certificates: str | None = Field(None, description="CA certificate (PEM) of a TLS SuperLink.")
     owners: list[Owner] = Field(default_factory=list, description="Data owners (loopback mode: one SuperNode each).")
     dp: DpConfig | None = Field(None, description="Local differential privacy on every owner (LocalDpMod).")
+    eval_file: str | None = Field(None, description="A held-out file on the server: the global adapter's loss on "
+                                  "it after every round goes into round.json (eval_loss).")
     resume: bool = Field(False, description="Continue from the last complete round in output_dir.")
     training: dict[str, Any] = Field(default_factory=dict, description="tunekit training config (see module doc).")
 

@@ -159,3 +159,19 @@ def last_loss(run_dir: Path) -> float:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["loss"] for r in lines if "loss" in r]
     return float(losses[-1]) if losses else float("nan")
+
+
+def eval_loss_on(cfg: Config, model, method, path: str) -> float:
+    """The global adapter's loss per answer token on `path` (the engine's token-weighted evaluate_loss)."""
+    from ..data import prepare_data
+    from ..engine.device import resolve_precision
+    from ..engine.loop import evaluate_loss
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    data = prepare_data(cfg.data.model_copy(update={"train": path, "validation": None, "val_fraction": 0.0}),
+                        tokenizer)
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    return evaluate_loss(model, method, data.train, cfg.train.batch_size, False, tokenizer.pad_token_id,
+                         torch.device("cpu"), precision)
+

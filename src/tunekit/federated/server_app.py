@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from .aggregate import ClientUpdate, FederatedError, aggregate, check_updates, product_bias
 from .config import FedConfig
-from .local import check_federable, initial_tensors, save_adapter
+from .local import (check_federable, copy_into_, eval_loss_on, initial_tensors, save_adapter,
+                    trainable_tensors)
 from .rounds import history, last_round, load_round, save_round
 
 app = ServerApp()
@@ -154,9 +155,13 @@ def run_rounds(grid: Grid, fed: FedConfig) -> list[dict]:
             "dp": None if fed.dp is None else dp_report(fed, number),
         }
         tensors = {n: t.float() for n, t in new.items()}
+        if fed.eval_file:  # the server's held-out file, with this round's adapter in the server's model
+            copy_into_(trainable_tensors(model), tensors)
+            record["eval_loss"] = eval_loss_on(cfg, model, method, fed.eval_file)
         save_round(fed.output_dir, number, tensors, record, lambda out: save_adapter(model, method, tensors, out))
         print(f"[tunekit] round {number}/{fed.rounds}: {len(updates)} owner(s), "
-              f"{record['bytes_up'] / 1e6:.2f} MB up, {down / 1e6:.2f} MB down, {record['wall_s']:.1f} s", flush=True)
+              f"{record['bytes_up'] / 1e6:.2f} MB up, {down / 1e6:.2f} MB down, {record['wall_s']:.1f} s"
+              + (f", eval loss {record['eval_loss']:.4f}" if fed.eval_file else ""), flush=True)
     return history(fed.output_dir)
 
 
