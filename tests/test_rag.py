@@ -208,6 +208,21 @@ def test_faiss_index_file_is_rebuilt_when_stale(tmp_path, embedder):
     assert Path(hits[0].chunk.source).name == "policy.md"
 
 
+def test_faiss_search_runs_on_one_thread_and_restores_the_setting(tmp_path, embedder, monkeypatch):
+    import faiss
+
+    from tunekit.rag.stores import open_store
+
+    _ingest(write_corpus(tmp_path / "docs"), "docs", str(tmp_path / "s"), embedder)
+    store = open_store(str(tmp_path / "s"))
+    seen, search = [], faiss.IndexIDMap2.search
+    monkeypatch.setattr(faiss.IndexIDMap2, "search",
+                        lambda self, *a, **kw: seen.append(faiss.omp_get_max_threads()) or search(self, *a, **kw))
+    before = faiss.omp_get_max_threads()
+    assert store.dense_search("docs", embedder.encode(["laptop warranty"])[0], 2)
+    assert seen == [1] and faiss.omp_get_max_threads() == before
+
+
 def test_rrf_fusion():
     from tunekit.rag.retrieve import rrf
 

@@ -36,6 +36,21 @@ def _row(r) -> StoredChunk:
     return StoredChunk(r[0], r[1], r[2] or "", r[3], r[4], r[5], r[6], r[7])
 
 
+def _one_thread_search(index, query, k, params):
+    """One query searched with one OpenMP thread (restored after; the setting is the calling thread's). Measured
+    (benchmarks/rag/speed.py, docs/rag-speed.json, 2 cores with other work beside it, as in a server that is
+    decoding): flat search p50 at 10k chunks 24.0 ms with FAISS's default threads vs 0.63 ms with one, at 100k
+    16.5 vs 9.4 ms; HNSW the same either way. For one query the threads only add wake-ups on busy cores."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(query, k, params=params)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 class FaissStore(Store):
     def __init__(self, root: Path, index: str = "flat", ef_search: str | int = 64, **unknown):
         if unknown:
@@ -241,7 +256,7 @@ class FaissStore(Store):
             selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
             params = (faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
                       if self._kind(name) == "hnsw" else faiss.SearchParameters(sel=selector))
-        scores, ids = index.search(query, min(k, index.ntotal), params=params)
+        scores, ids = _one_thread_search(index, query, min(k, index.ntotal), params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     def get_chunks(self, name, ids):
