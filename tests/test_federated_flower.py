@@ -183,7 +183,8 @@ def test_an_owner_whose_file_vanished_is_named(tmp_path, tiny_model_dir, owner_f
     fed = load_fed_config(None, fed_tree(tiny_model_dir, files, out, rounds=1))
 
     def remove_when_started():
-        while not (out / "logs" / "pids.json").exists() or "supernode-south" not in (out / "logs" / "pids.json").read_text():
+        pids = out / "logs" / "pids.json"
+        while not pids.exists() or "supernode-south" not in pids.read_text():
             time.sleep(0.1)
         files["south"].unlink()
 

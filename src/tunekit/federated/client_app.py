@@ -57,8 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     start = {n: t.float() for n, t in msg.content["adapter"].to_torch_state_dict().items()}
     result = train_round(cfg, start, str(config["aggregation"]))
     trained = {n: result.trained[n] for n in start if n in result.trained}  # the server's order (LocalDpMod)
+    loss = last_loss(Path(cfg.train.output_dir))
     return Message(RecordDict({
         "adapter": ArrayRecord(trained),
-        "metrics": MetricRecord({"num-examples": result.n_examples, "train-loss": last_loss(Path(cfg.train.output_dir))}),
+        "metrics": MetricRecord({"num-examples": result.n_examples, "train-loss": loss}),
         "owner": ConfigRecord({"owner": owner}),
     }), reply_to=msg)
