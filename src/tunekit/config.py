@@ -337,6 +337,11 @@ class TrainConfig(Section):
         True, description="CPU bf16: keep frozen linear weights, and their transposes, in oneDNN's blocked layout "
         "(methods/packed_linear.py; 1.09x tokens/s in the benchmark, costs two more bf16 copies of the frozen linear "
         "weights).")
+    packed_weights_fp32: Literal["auto", "on", "off"] = Field(
+        "auto", description="CPU fp32 (no native bf16): frozen linear weights in oneDNN's blocked layout too, where "
+        "F.linear would go to MKL (slow on AMD's AVX2 path). auto: on CPUs without native bf16, where a start-up "
+        "A/B on the model's shapes finds it >= 1.1x faster (decided once per machine, cached in ~/.cache/tunekit); "
+        "costs two fp32 copies of the frozen linear weights.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Several processes (tunekit train --nproc N, or torchrun -m tunekit.cli train): ddp = "

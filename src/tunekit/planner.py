@@ -334,12 +334,13 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
          virtual_tokens: int = 20, bottleneck: int = 64, freeze_layers: int = 1, fraction: float | None = 0.1,
          max_params: int | None = None, select_rank: int | None = None, malloc: str | None = None,
          optim: str = "adamw", dropout: float = 0.0, fused_ops: bool = True,
-         packed_weights: bool = True) -> MemoryPlan:
+         packed_weights: bool = True, packed_weights_fp32: str = "auto") -> MemoryPlan:
     """Predicted peak memory of `tunekit train` for this model and method (see the module docstring). `malloc`
     (CPU): tcmalloc, jemalloc or glibc; default: the one a `tunekit train` started from here would use. `optim`:
     optim.name (config.OPTIMIZERS). `dropout`: the LoRA input dropout. `fused_ops`, `packed_weights`: the CPU bf16
     kernels of train.fused_ops / train.packed_weights (used where they apply: CPU, bf16, and for fused ops a model
-    type engine/fused_ops.py handles and a C++ compiler, for packed weights a CPU with oneDNN's bf16 instructions).
+    type engine/fused_ops.py handles and a C++ compiler, for packed weights a CPU with oneDNN's bf16 instructions);
+    `packed_weights_fp32`: train.packed_weights_fp32, decided as the loop does (methods/packed_linear.py).
     `precision` auto: what `tunekit train` would pick on this machine (fp32 on a CPU without native bf16)."""
     if method not in PLAN_METHODS:
         raise PlanError(f"unknown method {method!r}; choose one of: {', '.join(PLAN_METHODS)}")
@@ -383,6 +384,11 @@ def plan(model: str = "smollm2-135m", method: str = "lora", seq_len: int = 512, 
                          "train.packed_weights false saves them, ~5% slower)")
         else:
             notes.append(f"packed_weights: not used here, no packed copies planned: {why}")
+    if device == "cpu" and c == 4 and method != "qlora" and frozen_linear:
+        packs, why = _fp32_packing(s, packed_weights_fp32)
+        if packs:
+            frozen_bytes += 2 * 4 * frozen_linear  # fp32 W and W^T in oneDNN's layout
+            notes.append(f"packed_weights_fp32: two more fp32 copies of the frozen linear weights ({why})")
     fused = fused_ops and cpu_bf16 and _fused_ops_apply(s.model_type)
     head = 0 if s.tied else embed * (4 if method == "full" or c == 4 else 2)  # an untied frozen head is cast too
     weights = int(4 * embed + 4 * norms + 4 * min(trained_linear, linear) + frozen_bytes + head)
@@ -474,6 +480,16 @@ def _packing_available() -> tuple[bool, str]:
     return available(torch.device("cpu"))
 
 
+def _fp32_packing(s: ModelShape, mode: str) -> tuple[bool, str]:
+    """Whether the loop packs fp32 frozen weights for this model (train.packed_weights_fp32), and why."""
+    from .methods.packed_linear import decide_fp32_packing
+
+    shapes: dict[tuple[int, int], int] = {}
+    for n_in, n_out in s.linears().values():
+        shapes[(n_out, n_in)] = shapes.get((n_out, n_in), 0) + s.layers
+    return decide_fp32_packing(shapes, mode)
+
+
 def _fused_ops_apply(model_type: str) -> bool:
     """Whether the training loop's fused CPU kernels (train.fused_ops auto) switch this model type under bf16."""
     import torch
@@ -519,7 +535,8 @@ def plan_for_run(cfg, mean_length: float, label_fraction: float, device: str, pr
                 max_params=getattr(m, "max_params", None), select_rank=getattr(m, "lora_r", None), malloc=malloc,
                 optim=cfg.optim.name, dropout=getattr(m, "dropout", 0.0) or 0.0,
                 fused_ops=cfg.train.fused_ops != "off" and cfg.train.compile != "on",
-                packed_weights=cfg.train.packed_weights and cfg.train.compile != "on")
+                packed_weights=cfg.train.packed_weights and cfg.train.compile != "on",
+                packed_weights_fp32=cfg.train.packed_weights_fp32 if cfg.train.compile != "on" else "off")
 
 
 def mean_example_length(stats) -> float:

@@ -26,7 +26,7 @@ from ..data import prepare_data
 from ..allocator import in_use
 from ..methods import build_method, cast_frozen_linears_, count_parameters, trainable_named_parameters
 from ..methods.lora_kernel import use_fast_lora_
-from ..methods.packed_linear import pack_frozen_linears_
+from ..methods.packed_linear import decide_fp32_packing, pack_frozen_linears_
 from ..models import load_model, load_tokenizer
 from .batching import BatchStream, eval_batches
 from .checkpoint import TrainingState, latest_checkpoint, rng_state, set_rng_state
@@ -200,8 +200,16 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     compiled = layers_compiled(lm)
     fused_note = fuse_decoder_ops_(lm, tc.fused_ops, device, precision, compiled)
     # On a CPU without oneDNN's bf16 instructions pack_frozen_linears_ packs nothing and logs why.
-    n_packed = (pack_frozen_linears_(model) if tc.packed_weights and precision == "bf16" and not compiled
-                and device.type == "cpu" else 0)
+    n_packed, packed_note = 0, ""
+    if device.type == "cpu" and not compiled and precision == "bf16" and tc.packed_weights:
+        n_packed = pack_frozen_linears_(model)
+    elif device.type == "cpu" and not compiled and precision == "fp32" and method.name != "qlora":
+        # fp32 products go to MKL, whose AVX2 path is slow on AMD: oneDNN's packed product where it measures faster
+        pack_fp32, packed_note = decide_fp32_packing(linear_shapes(linear_weights), tc.packed_weights_fp32)
+        if pack_fp32:
+            head = lm.get_output_embeddings()
+            n_packed = pack_frozen_linears_(model, torch.float32,
+                                            skip=frozenset({id(head.weight)} if head is not None else ()))
     # MFU = tokens/s x model FLOPs per token / this machine's measured matmul peak (engine/flops.py).
     n_tok = sum(len(ex.input_ids) for ex in data.train)
     n_lab = sum(sum(1 for x in ex.labels[1:] if x != -100) for ex in data.train)
@@ -250,6 +258,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
     ctx.say(f"[tunekit] {method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
             f"({100 * n_trainable / n_total:.3f}%), {steps} steps on {device}; {compile_note}; {fused_note}"
             + (f"; {n_packed} frozen linears packed for oneDNN" if n_packed else "")
+            + (f" ({packed_note})" if packed_note and n_packed else f"; fp32 weights not packed: {packed_note}"
+               if packed_note else "")
             + (f"; {ctx.world_size} processes ({ctx.parallel}, {ctx.backend})" if ctx.enabled else ""))
     ctx.say(f"[tunekit] precision {precision_note}")
 

@@ -142,8 +142,8 @@ def fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     xc = x.to(dtype) if torch.is_autocast_enabled(x.device.type) else x  # one cast shared by base and branch
     branch = LoraBranch.apply(xc, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dtype)
     if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
-        packed = packed_of(base) if usable(xc) else None  # frozen bf16 weight in oneDNN's layout (CPU)
-        if packed is not None:
+        packed = packed_of(base)  # frozen weight in oneDNN's layout (CPU; bf16, or fp32 where it pays)
+        if packed is not None and usable(xc, packed.dtype):
             return packed_linear(xc, packed, base.bias, branch)
         return base_plus_branch(xc, base.weight, base.bias, branch)
     result = base(xc)
