@@ -35,8 +35,8 @@ from .fused_ops import fuse_decoder_ops_
 from .energy import EnergyMeter
 from .flops import (ModelShape, base_linear_weights, cached_matmul_peak, cached_shape_peak, flops_per_token,
                     linear_shapes, peak_dtype)
-from .device import (autocast, keep_freed_memory, precision_reason, peak_memory_bytes, pick_device, reset_peak_memory,
-                     resolve_precision)
+from .device import (autocast, keep_freed_memory, peak_memory_bytes, pick_device, precision_reason,
+                     reset_peak_memory, resolve_precision)
 from .objective import build_objective, gold_loss_sum
 from .metrics import MetricsLog, NullLog, Progress, Sinks, read_metrics
 from .schedule import build_optimizer, build_scheduler
@@ -357,7 +357,8 @@ def _train(cfg: Config, ctx: DistContext) -> TrainResult:
         interrupted=interrupted, precision_note=precision_note,
         mfu=(rate_tokens / rate_time * flops_tok / peak) if rate_time else None, flops_per_token=flops_tok,
         matmul_peak_flops=peak, shape_peak_flops=shape_peak,
-        mfu_model_shapes=(rate_tokens / rate_time * flops_tok / shape_peak) if rate_time else None, energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
+        mfu_model_shapes=(rate_tokens / rate_time * flops_tok / shape_peak) if rate_time else None,
+        energy=energy_report.as_dict() if energy_report else None, energy_note=energy.reason,
         planned_peak_bytes=memory_plan.total if memory_plan else None, allocator=in_use(),
         world_size=ctx.world_size, parallel=ctx.parallel,
     )

@@ -164,7 +164,7 @@ class PackedWeight:
 
 
 class PackedLinearFn(torch.autograd.Function):
-    """x (..., in) -> x @ W^T (+ bias) (+ branch) (..., out) in W's dtype (bf16 or fp32), W frozen (no weight gradient)."""
+    """x (..., in) -> x @ W^T (+ bias) (+ branch) (..., out) in W's dtype (bf16 or fp32); W frozen, no weight grad."""
 
     @staticmethod
     def forward(ctx, x, branch, packed: PackedWeight, bias, out_dtype_of_dx: torch.dtype):
@@ -227,7 +227,8 @@ def packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return packed_linear(x, packed, self.bias)
 
 
-def pack_frozen_linears_(model: nn.Module, dtype: torch.dtype = torch.bfloat16, skip: frozenset[int] = frozenset()) -> int:
+def pack_frozen_linears_(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                         skip: frozenset[int] = frozenset()) -> int:
     """Give every frozen `dtype` nn.Linear of `model` a packed weight and the packed forward (mutates the modules);
     returns how many; `skip`: ids of weights to leave alone (an LM head the loss reads directly). Trained layers and
     layers of another dtype keep nn.Linear's forward. Where packing is not
