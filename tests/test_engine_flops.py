@@ -69,8 +69,10 @@ def test_shape_peak_is_the_flop_weighted_rate_of_the_shapes(monkeypatch):
     """Total FLOPs over total time: a shape the model has 3 times weighs 3 times (fake clock: 1 s per product)."""
     import tunekit.engine.flops as flops
 
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(flops.time, "perf_counter", lambda: float(next(ticks)))
+    from types import SimpleNamespace
+
+    ticks = iter(range(10**6))  # flops' own clock only: patching time.perf_counter itself would tick for every thread
+    monkeypatch.setattr(flops, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     rate = measure_shape_peak({(8, 4): 3, (16, 4): 1}, torch.float32, tokens=2, seconds=4)
     assert rate == pytest.approx((3 * 2 * 2 * 4 * 8 + 2 * 2 * 4 * 16) / 4)  # 4 products of 1 s each
 
