@@ -178,6 +178,26 @@ def cached_matmul_peak(dtype: torch.dtype, device: torch.device, cache_dir: Path
                       lambda: measure_matmul_peak(dtype, str(device), seconds=seconds))
 
 
+def read_cache(path: Path) -> dict:
+    """A tunekit measurement cache (a JSON object in ~/.cache/tunekit); empty when missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(path: Path, table: dict) -> None:
+    """Replace the cache file atomically (a temporary file renamed over it); best effort: a read-only home keeps
+    nothing, and the measurement is simply taken again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def _best_ever(what: str, dtype: torch.dtype, device: torch.device, cache_dir: Path | None, measure) -> float:
     """measure() now, and the best reading ever kept for (what, dtype, device, threads, torch) in a cache file."""
     cache_dir = cache_dir or Path.home() / ".cache" / "tunekit"
@@ -186,18 +206,9 @@ def _best_ever(what: str, dtype: torch.dtype, device: torch.device, cache_dir: P
     if not what.endswith("^3"):  # the n^3 entries keep their old keys (caches written before shape peaks)
         key += f"|{what}"
     path = cache_dir / "matmul_peak.json"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = read_cache(path)
     measured = measure()
     if measured > table.get(key, 0.0):
         table[key] = measured
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass
+        write_cache(path, table)
     return table[key]

@@ -98,11 +98,10 @@ def decide_fp32_packing(shapes: dict[tuple[int, int], int], mode: str, cache_dir
     verdict is kept per machine, thread count, torch and shapes in ~/.cache/tunekit/fp32_packing.json, so that every
     run (and every rank of a distributed one) after the first decides the same.
     """
-    import json
-    import os
     from pathlib import Path
 
     from ..engine.device import cpu_has_bf16, cpu_name
+    from ..engine.flops import read_cache, write_cache
 
     if mode == "off":
         return False, "train.packed_weights_fp32 off"
@@ -116,20 +115,10 @@ def decide_fp32_packing(shapes: dict[tuple[int, int], int], mode: str, cache_dir
     path = Path(cache_dir or Path.home() / ".cache" / "tunekit") / "fp32_packing.json"
     tag = ",".join(f"{o}x{i}*{c}" for (o, i), c in sorted(shapes.items()))
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{tag}"
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
+    table = read_cache(path)
     if key not in table:
-        speedup, _ = fp32_packing_pays(shapes)
-        table[key] = speedup
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass
+        table[key] = fp32_packing_pays(shapes)[0]
+        write_cache(path, table)
     speedup = table[key]
     verdict = "packed" if speedup >= FP32_MIN_SPEEDUP else f"not packed (below {FP32_MIN_SPEEDUP}x)"
     return speedup >= FP32_MIN_SPEEDUP, (f"oneDNN's packed fp32 product measured {speedup:.2f}x F.linear on this CPU's "
